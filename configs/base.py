@@ -1,0 +1,120 @@
+"""Shared defaults: every number of the authors' Mask2Former recipe (REFERENCE.md).
+
+Recipe files start from `get_base_config()` and change only what their recipe changes.
+"""
+import ml_collections
+
+
+def resnet_backbone(depth: int = 50, norm: str = "frozen_bn") -> ml_collections.ConfigDict:
+  """ResNet backbone; `norm` is 'frozen_bn' or 'sync_bn' (batch statistics over the global batch)."""
+  blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+  if depth not in blocks:
+    raise ValueError(f"ResNet depth must be 50 or 101, got {depth}")
+  return ml_collections.ConfigDict(dict(
+      name="resnet",
+      depth=depth,
+      stage_blocks=blocks[depth],
+      stem_width=64,
+      base_width=64,  # bottleneck width of res2; doubles per stage; outputs are 4x that
+      norm=norm,
+      norm_eps=1e-5,
+  ))
+
+
+SWIN_SIZES = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12),
+    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
+}
+
+
+def swin_backbone(size: str = "tiny") -> ml_collections.ConfigDict:
+  """Swin backbone of the given size ('tiny', 'small', 'base', 'large')."""
+  if size not in SWIN_SIZES:
+    raise ValueError(f"Swin size must be one of {sorted(SWIN_SIZES)}, got {size!r}")
+  return ml_collections.ConfigDict(dict(
+      name="swin",
+      patch_size=4,
+      mlp_ratio=4.0,
+      drop_path_rate=0.3,
+      **SWIN_SIZES[size],
+  ))
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """COCO panoptic, ResNet-50: the authors' defaults."""
+  c = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = resnet_backbone(50)
+  c.model.num_classes = 133                    # K real classes; logits have K+1 (last = no object)
+  c.model.pixel_mean = (123.675, 116.28, 103.53)
+  c.model.pixel_std = (58.395, 57.12, 57.375)
+  c.model.size_divisibility = 32
+  # pixel decoder (multi-scale deformable attention encoder + FPN step)
+  c.model.pixel_decoder = ml_collections.ConfigDict(dict(
+      conv_dim=256, mask_dim=256, num_layers=6, num_heads=8, num_points=4,
+      ffn_dim=1024, num_groups=32,
+  ))
+  # masked-attention transformer decoder
+  c.model.decoder = ml_collections.ConfigDict(dict(
+      num_queries=100, hidden_dim=256, num_heads=8, ffn_dim=2048, num_layers=9,
+  ))
+  c.model.dtype = "float32"                    # compute dtype: 'float32' or 'bfloat16'
+
+  # ---------------------------------------------------------------- loss
+  c.loss = ml_collections.ConfigDict(dict(
+      class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
+      num_points=12544, oversample_ratio=3.0, importance_sample_ratio=0.75,
+      matcher="hungarian",                     # 'hungarian' (in-graph, optax) or 'scipy' (host callback)
+  ))
+
+  # ---------------------------------------------------------------- optimiser
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
+      backbone_multiplier=0.1, clip_norm=0.01,
+      schedule="step",                         # 'step' (COCO) or 'poly' (ADE20K, Cityscapes)
+      step_fractions=(0.889, 0.963), step_factor=0.1, poly_power=0.9,
+  ))
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict(dict(
+      name="coco_panoptic",                    # a builder name of m2f_jax.data
+      data_dir=ml_collections.placeholder(str),   # tfds data_dir (None: tfds default)
+      manual_dir=ml_collections.placeholder(str), # official layout on disk
+      augment="lsj",                           # 'lsj', 'ade20k', 'cityscapes', 'none'
+      image_size=(1024, 1024),                 # training crop (H, W)
+      min_scale=0.1, max_scale=2.0,            # LSJ scale range
+      min_size_train=(),                       # ADE20K/Cityscapes shortest-side choices
+      max_size_train=2048,
+      min_size_test=800, max_size_test=1333,
+      eval_pad_size=(1344, 1344),              # fixed padded eval shape (multiple of 32)
+      max_targets=100,                         # M: target slots per image (-1 padded)
+      segment_layers=1,                        # S: >1 keeps overlapping instances exact
+      ignore_label=255,
+      shuffle_buffer=1000,
+      num_parallel_calls=-1,                   # -1: tf.data.AUTOTUNE
+      prefetch=2,
+  ))
+
+  # ---------------------------------------------------------------- evaluation / inference
+  c.eval = ml_collections.ConfigDict(dict(
+      tasks=("panoptic", "instance", "semantic"),
+      object_mask_threshold=0.8, overlap_threshold=0.8, top_k=100,
+      batch_size=8,                            # global
+      tta_scales=(),                           # e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for semantic TTA
+      tta_flip=False,
+      max_images=ml_collections.placeholder(int),
+  ))
+
+  # ---------------------------------------------------------------- run
+  c.total_steps = 368_750
+  c.batch_size = 16                            # global, over all devices and hosts
+  c.checkpoint_every = 5000
+  c.keep_checkpoints = 3
+  c.log_every = 50
+  c.seed = 0
+  c.init_from = ml_collections.placeholder(str)  # converted checkpoint dir to start from
+  return c

@@ -1,0 +1,1 @@
+"""m2f_jax: Mask2Former (universal image segmentation) in JAX/Flax."""

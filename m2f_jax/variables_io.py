@@ -1,0 +1,74 @@
+"""Model variables on disk: an orbax checkpoint plus the config that built them.
+
+Layout of a variables directory (what `tools.convert` writes and `init_from` / `--checkpoint` read):
+  DIR/variables/   orbax StandardCheckpointer tree {'params': ..., 'batch_stats': ...}
+  DIR/config.json  the ml_collections config of the model
+"""
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def save_variables(directory: str, variables: Mapping[str, Any],
+                   cfg: Optional[ml_collections.ConfigDict] = None) -> None:
+  """Writes `variables` (and `cfg`, if given) under `directory`; refuses to overwrite."""
+  directory = os.path.abspath(directory)
+  target = os.path.join(directory, "variables")
+  if os.path.exists(target):
+    raise FileExistsError(f"{target} already exists; choose another --out directory or remove it")
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, dict(variables))
+  if cfg is not None:
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+
+def load_variables(directory: str, target: Optional[Any] = None) -> dict:
+  """Reads the variables saved by `save_variables`.
+
+  With `target` (a pytree of arrays or jax.ShapeDtypeStruct, e.g. from `jax.eval_shape(model.init, ...)`)
+  the stored tree must match it exactly; a mismatch raises a ValueError naming the differing entries.
+  """
+  path = os.path.join(os.path.abspath(directory), "variables")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no model variables at {path} (expected a directory written by "
+                            "`python -m m2f_jax.tools.convert` or `save_variables`)")
+  with ocp.StandardCheckpointer() as ckptr:
+    if target is None:
+      return ckptr.restore(path)
+    stored = ckptr.metadata(path).item_metadata.tree
+    _check_same_structure(stored, target)
+    return ckptr.restore(path, target)
+
+
+def load_config(directory: str) -> Optional[dict]:
+  """The config saved beside the variables, as a plain dict, or None when there is none."""
+  path = os.path.join(os.path.abspath(directory), "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict:
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
+  return {prefix: tuple(getattr(tree, "shape", ()))}
+
+
+def _check_same_structure(stored: Any, target: Any) -> None:
+  a, b = _flatten(stored), _flatten(target)
+  missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+  wrong = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+  if missing or extra or wrong:
+    lines = [f"  missing in checkpoint: {k} {b[k]}" for k in missing[:10]]
+    lines += [f"  unexpected in checkpoint: {k} {a[k]}" for k in extra[:10]]
+    lines += [f"  shape differs: {k} checkpoint {a[k]} vs model {b[k]}" for k in wrong[:10]]
+    raise ValueError("checkpoint does not fit the model built from this config:\n" + "\n".join(lines))
