@@ -19,4 +19,4 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python train.py --config configs/synthetic.py --workdir $(WORKDIR)
-	$(VENV)/bin/python eval.py --config configs/synthetic.py --workdir $(WORKDIR)
+	$(VENV)/bin/python eval.py --config configs/synthetic.py --workdir $(WORKDIR) --num_visualize 4

@@ -3,6 +3,7 @@
 Recipe files start from `get_base_config()` and change only what their recipe changes.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def resnet_backbone(depth: int = 50, norm: str = "frozen_bn") -> ml_collections.ConfigDict:
@@ -69,6 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
       num_points=12544, oversample_ratio=3.0, importance_sample_ratio=0.75,
       matcher="hungarian",                     # 'hungarian' (in-graph, optax) or 'scipy' (host callback)
+      layers_per_pass=0,                       # predictions whose point losses run at once (0 = all)
   ))
 
   # ---------------------------------------------------------------- optimiser
@@ -82,8 +84,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict(dict(
       name="coco_panoptic",                    # a builder name of m2f_jax.data
-      data_dir=ml_collections.placeholder(str),   # tfds data_dir (None: tfds default)
-      manual_dir=ml_collections.placeholder(str), # official layout on disk
+      data_dir=config_dict.placeholder(str),   # tfds data_dir (None: tfds default)
+      manual_dir=config_dict.placeholder(str), # official layout on disk
       augment="lsj",                           # 'lsj', 'ade20k', 'cityscapes', 'none'
       image_size=(1024, 1024),                 # training crop (H, W)
       min_scale=0.1, max_scale=2.0,            # LSJ scale range
@@ -97,6 +99,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       shuffle_buffer=1000,
       num_parallel_calls=-1,                   # -1: tf.data.AUTOTUNE
       prefetch=2,
+      train_split="train", eval_split="validation",   # tfds split names
+      threads=0,                               # tf.data private thread pool size (0: default)
+      crop_single_category_max_area=1.0,       # ADE20K/Cityscapes crop: max share of one class
+      # the built-in synthetic set (cfg.data.name='synthetic'); one tfds directory per setting
+      synthetic=ml_collections.ConfigDict(dict(
+          train_size=2000, validation_size=200, image_size=128, seed=0)),
   ))
 
   # ---------------------------------------------------------------- evaluation / inference
@@ -106,7 +114,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       batch_size=8,                            # global
       tta_scales=(),                           # e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for semantic TTA
       tta_flip=False,
-      max_images=ml_collections.placeholder(int),
+      max_images=config_dict.placeholder(int),
   ))
 
   # ---------------------------------------------------------------- run
@@ -116,5 +124,5 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every = 50
   c.seed = 0
-  c.init_from = ml_collections.placeholder(str)  # converted checkpoint dir to start from
+  c.init_from = config_dict.placeholder(str)  # converted checkpoint dir to start from
   return c

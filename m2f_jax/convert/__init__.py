@@ -1,1 +1,5 @@
+"""PyTorch Mask2Former checkpoints (transformers, the authors' detectron2) -> m2f_jax variables."""
+from m2f_jax.convert.detectron2 import from_detectron2
+from m2f_jax.convert.hf import from_hf
 
+__all__ = ["from_detectron2", "from_hf"]

@@ -1,0 +1,77 @@
+"""Per data set metadata: class names, thing flags and which ground truths a data set has."""
+import dataclasses
+
+import numpy as np
+
+from m2f_jax.data import categories
+
+# Kind of annotation each data set name carries: 'panoptic', 'instance' or 'semantic'.
+DATASET_KINDS = {
+    "synthetic": "panoptic",
+    "coco_panoptic": "panoptic",
+    "coco_instance": "instance",
+    "ade20k_semantic": "semantic",
+    "ade20k_panoptic": "panoptic",
+    "cityscapes_semantic": "semantic",
+    "cityscapes_instance": "instance",
+    "cityscapes_panoptic": "panoptic",
+}
+
+SYNTHETIC_THINGS = ("disc", "square", "triangle", "ring", "cross")
+SYNTHETIC_STUFF = ("sky", "grass", "brick")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Classes of a data set in contiguous order 0..K-1.
+
+  Attributes:
+    name: data set name (cfg.data.name).
+    kind: 'panoptic', 'instance' or 'semantic' (which ground truths the data set has).
+    num_classes: K.
+    class_names: K names.
+    is_thing: np.bool_ [K], True for countable classes.
+  """
+  name: str
+  kind: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  is_thing: np.ndarray
+
+
+def _make(name: str, names, things) -> DatasetInfo:
+  return DatasetInfo(name=name, kind=DATASET_KINDS[name], num_classes=len(names),
+                     class_names=tuple(names), is_thing=np.asarray(things, dtype=np.bool_))
+
+
+def dataset_kind(name: str) -> str:
+  """'panoptic', 'instance' or 'semantic' for a data set name; raises on an unknown name."""
+  if name not in DATASET_KINDS:
+    raise ValueError(f"Unknown data set name cfg.data.name={name!r}; expected one of "
+                     f"{sorted(DATASET_KINDS)}")
+  return DATASET_KINDS[name]
+
+
+def dataset_info_by_name(name: str) -> DatasetInfo:
+  """DatasetInfo of a data set name."""
+  dataset_kind(name)
+  if name == "synthetic":
+    return _make(name, SYNTHETIC_THINGS + SYNTHETIC_STUFF,
+                 [True] * len(SYNTHETIC_THINGS) + [False] * len(SYNTHETIC_STUFF))
+  if name == "coco_panoptic":
+    return _make(name, [c[1] for c in categories.COCO_PANOPTIC],
+                 [bool(c[2]) for c in categories.COCO_PANOPTIC])
+  if name == "coco_instance":
+    return _make(name, [c[1] for c in categories.COCO_INSTANCE], [True] * 80)
+  if name.startswith("ade20k"):
+    things = [i in categories.ADE20K_THING_IDS for i in range(len(categories.ADE20K_NAMES))]
+    return _make(name, categories.ADE20K_NAMES, things)
+  labels = categories.CITYSCAPES_LABELS
+  if name == "cityscapes_instance":
+    return _make(name, [l[1] for l in labels if l[3]], [True] * sum(l[3] for l in labels))
+  return _make(name, [l[1] for l in labels], [bool(l[3]) for l in labels])
+
+
+def get_dataset_info(data_cfg) -> DatasetInfo:
+  """DatasetInfo for `data_cfg.name` (see DATASET_KINDS for the names)."""
+  return dataset_info_by_name(data_cfg.name)

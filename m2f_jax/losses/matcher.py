@@ -1,0 +1,148 @@
+"""Hungarian matching of predicted queries to padded target slots (one image; vmap for more).
+
+Cost = class_weight * (-softmax probability of the target class) + mask_weight * mean sigmoid
+BCE + dice_weight * dice, the mask terms on points drawn uniformly once per image and shared by
+every query and target (the authors' memory-efficient matcher). Padded target slots (label -1)
+get one constant cost, which leaves the assignment of the real targets optimal, and their
+assignment is dropped. Everything runs in float32 and carries no gradient.
+"""
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.optimize
+
+from m2f_jax.losses import point_sampling
+
+SOLVERS = ("hungarian", "scipy")
+
+# Non-finite costs (a diverged model) become this, so that neither solver loops or raises; the
+# authors' scipy call would raise instead.
+_NON_FINITE_COST = 1e6
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def matching_cost(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,
+                  segment_ids: jax.Array, points: jax.Array, *, class_weight: float,
+                  mask_weight: float, dice_weight: float) -> jax.Array:
+  """The authors' matching cost of every (query, target slot) pair of one image.
+
+  Args:
+    class_logits: [Q, K+1].
+    mask_logits: [Q, h, w].
+    labels: int [M] class ids (-1 = padding slot; its column is meaningless).
+    segment_ids: int [S, H, W]; target m covers pixels with value m + 1 in any layer.
+    points: [P, 2] normalised (x, y), shared by all queries and targets.
+    class_weight: weight of the class cost.
+    mask_weight: weight of the BCE cost.
+    dice_weight: weight of the dice cost.
+
+  Returns:
+    float32 [Q, M].
+  """
+  num_targets = labels.shape[0]
+  num_points = points.shape[0]
+  probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
+  cost_class = -jnp.take(probs, jnp.clip(labels, 0), axis=1)  # [Q, M]
+
+  pred = point_sampling.point_sample(mask_logits, points)  # [Q, P]
+  target = point_sampling.sample_targets(segment_ids, points, num_targets)  # [M, P]
+  # mean over points of BCE(x, t) = softplus(x) - x * t
+  cost_mask = (jnp.sum(jax.nn.softplus(pred), axis=-1)[:, None]
+               - jnp.einsum("qp,mp->qm", pred, target, precision=_HIGHEST)) / num_points
+  prob_mask = jax.nn.sigmoid(pred)
+  numerator = 2.0 * jnp.einsum("qp,mp->qm", prob_mask, target, precision=_HIGHEST)
+  denominator = jnp.sum(prob_mask, axis=-1)[:, None] + jnp.sum(target, axis=-1)[None, :]
+  cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
+  return class_weight * cost_class + mask_weight * cost_mask + dice_weight * cost_dice
+
+
+def _finite(cost: jax.Array) -> jax.Array:
+  return jnp.nan_to_num(cost, nan=_NON_FINITE_COST, posinf=_NON_FINITE_COST,
+                        neginf=-_NON_FINITE_COST)
+
+
+def _assign_in_graph(cost: jax.Array, valid: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """optax's exact Hungarian algorithm; padded columns cost more than any real pair."""
+  num_targets = cost.shape[1]
+  real_max = jnp.max(jnp.where(valid[None, :], cost, -jnp.inf))
+  pad_cost = jnp.where(jnp.any(valid), real_max + 1.0, 0.0)
+  # Above every real cost, padded columns are only used by queries left over once every real
+  # target (or every query, when there are more targets than queries) is matched.
+  cost = jnp.where(valid[None, :], cost, pad_cost)
+  rows, cols = optax.assignment.hungarian_algorithm(cost)
+  query_for_target = jnp.zeros(num_targets, jnp.int32).at[cols].set(rows.astype(jnp.int32))
+  assigned = jnp.zeros(num_targets, bool).at[cols].set(True)
+  return query_for_target, assigned & valid
+
+
+def _scipy_assign_host(cost: np.ndarray, valid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """scipy on the real columns of each matrix; cost [..., Q, M], valid [..., M]."""
+  cost, valid = np.asarray(cost), np.asarray(valid)
+  query_for_target = np.zeros(valid.shape, np.int32)
+  matched = np.zeros(valid.shape, bool)
+  for index in np.ndindex(valid.shape[:-1]):
+    real = np.flatnonzero(valid[index])
+    rows, cols = scipy.optimize.linear_sum_assignment(cost[index][:, real])
+    query_for_target[index][real[cols]] = rows
+    matched[index][real[cols]] = True
+  return query_for_target, matched
+
+
+def _assign_scipy(cost: jax.Array, valid: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """scipy.optimize.linear_sum_assignment through a host callback (vmap-able)."""
+  result_shapes = (jax.ShapeDtypeStruct(valid.shape, jnp.int32),
+                   jax.ShapeDtypeStruct(valid.shape, jnp.bool_))
+  return jax.pure_callback(_scipy_assign_host, result_shapes, cost, valid,
+                           vmap_method="broadcast_all")
+
+
+def assign(cost: jax.Array, valid: jax.Array, solver: str = "hungarian"
+           ) -> Tuple[jax.Array, jax.Array]:
+  """Minimum-cost assignment of queries to the valid target slots.
+
+  Args:
+    cost: [Q, M] (non-finite entries are replaced by a large finite cost).
+    valid: bool [M], False for padding slots.
+    solver: 'hungarian' (optax, in-graph) or 'scipy' (host callback).
+
+  Returns:
+    query_for_target int32 [M] (the query matched to each slot; 0 where unmatched) and
+    matched bool [M] (a real slot that got a query: all of them unless M > Q).
+  """
+  if solver not in SOLVERS:
+    raise ValueError(f"loss.matcher must be one of {SOLVERS}, got {solver!r}")
+  cost = _finite(jax.lax.stop_gradient(cost).astype(jnp.float32))
+  if solver == "hungarian":
+    return _assign_in_graph(cost, valid)
+  return _assign_scipy(cost, valid)
+
+
+def match(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,
+          segment_ids: jax.Array, points: jax.Array, *, class_weight: float, mask_weight: float,
+          dice_weight: float, solver: str = "hungarian") -> Tuple[jax.Array, jax.Array]:
+  """Matches the queries of one prediction of one image to its targets.
+
+  Args:
+    class_logits: [Q, K+1].
+    mask_logits: [Q, h, w].
+    labels: int [M] (-1 = padding slot).
+    segment_ids: int [S, H, W].
+    points: [P, 2] uniform normalised (x, y) points.
+    class_weight: weight of the class cost.
+    mask_weight: weight of the BCE cost.
+    dice_weight: weight of the dice cost.
+    solver: 'hungarian' or 'scipy'.
+
+  Returns:
+    query_for_target int32 [M] and matched bool [M], as `assign`.
+  """
+  class_logits = jax.lax.stop_gradient(class_logits)
+  mask_logits = jax.lax.stop_gradient(mask_logits)
+  cost = matching_cost(class_logits, mask_logits, labels, segment_ids, points,
+                       class_weight=class_weight, mask_weight=mask_weight,
+                       dice_weight=dice_weight)
+  return assign(cost, labels >= 0, solver)

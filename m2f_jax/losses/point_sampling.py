@@ -1,0 +1,155 @@
+"""Bilinear point sampling of mask logits and of segment-id targets, and uncertainty sampling.
+
+Points are normalised (x, y) in [0, 1]^2 over the whole map, sampled the way PyTorch's
+`grid_sample(align_corners=False, padding_mode='zeros')` samples `2 * point - 1` (the authors'
+`point_sample`): pixel centres sit at (i + 0.5) / size, and neighbours outside the map count as 0.
+Everything is float32.
+"""
+from typing import List, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Corner = Tuple[jax.Array, jax.Array]
+
+
+def bilinear_corners(points: jax.Array, height: int, width: int) -> List[Corner]:
+  """The four neighbour pixels of each point and their bilinear weights.
+
+  Callers sum over the corners one at a time, so no [..., 4] array is ever built.
+
+  Args:
+    points: float [..., 2] normalised (x, y).
+    height: map height.
+    width: map width.
+
+  Returns:
+    Four (flat_index int32 [...], weight float32 [...]) pairs, NW, NE, SW, SE: flat_index =
+    row * width + column clipped into the map, weight zero for a neighbour outside the map.
+  """
+  points = points.astype(jnp.float32)
+  grid = 2.0 * points - 1.0  # the [-1, 1] grid that grid_sample receives
+  x = ((grid[..., 0] + 1.0) * width - 1.0) * 0.5
+  y = ((grid[..., 1] + 1.0) * height - 1.0) * 0.5
+  x0 = jnp.floor(x)
+  y0 = jnp.floor(y)
+  x1 = x0 + 1.0
+  y1 = y0 + 1.0
+  corners = []
+  for cx, cy, weight in [(x0, y0, (x1 - x) * (y1 - y)), (x1, y0, (x - x0) * (y1 - y)),
+                         (x0, y1, (x1 - x) * (y - y0)), (x1, y1, (x - x0) * (y - y0))]:
+    inside = (cx >= 0) & (cx <= width - 1) & (cy >= 0) & (cy <= height - 1)
+    column = jnp.clip(cx, 0, width - 1).astype(jnp.int32)
+    row = jnp.clip(cy, 0, height - 1).astype(jnp.int32)
+    corners.append((row * width + column, jnp.where(inside, weight, 0.0)))
+  return corners
+
+
+def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
+  """Samples every map at shared or per-map points.
+
+  Args:
+    maps: [N, h, w] (cast to float32).
+    points: [P, 2] shared by all maps, or [N, P, 2] one set per map.
+
+  Returns:
+    float32 [N, P].
+  """
+  n, h, w = maps.shape
+  flat = maps.astype(jnp.float32).reshape(n, h * w)
+  result = 0.0
+  for index, weight in bilinear_corners(points, h, w):
+    if points.ndim == 2:
+      values = jnp.take(flat, index, axis=1)  # [N, P]
+    else:
+      values = jnp.take_along_axis(flat, index, axis=1)
+    result = result + values * weight
+  return result
+
+
+def point_sample_rows(maps: jax.Array, rows: jax.Array, points: jax.Array) -> jax.Array:
+  """Samples map `rows[n]` at `points[n]` without gathering whole maps.
+
+  Args:
+    maps: [Q, h, w] (cast to float32).
+    rows: int [N] indices into the Q maps.
+    points: [N, P, 2].
+
+  Returns:
+    float32 [N, P].
+  """
+  q, h, w = maps.shape
+  flat = maps.astype(jnp.float32).reshape(q * h * w)
+  offset = (rows.astype(jnp.int32) * (h * w))[:, None]
+  result = 0.0
+  for index, weight in bilinear_corners(points, h, w):
+    result = result + jnp.take(flat, index + offset, axis=0) * weight
+  return result
+
+
+def sample_targets(segment_ids: jax.Array, points: jax.Array, num_targets: int) -> jax.Array:
+  """Samples binary target masks straight from the compact segment-id encoding.
+
+  Target m covers the pixels where any layer has value m + 1. The result equals bilinear
+  `grid_sample` of the binary mask [H, W] (soft at edges), but no [M, H, W] array is built.
+
+  Args:
+    segment_ids: int [S, H, W].
+    points: [P, 2] shared by all targets, or [M, P, 2] one set per target.
+    num_targets: M.
+
+  Returns:
+    float32 [M, P].
+  """
+  s, h, w = segment_ids.shape
+  flat = segment_ids.reshape(s, h * w)
+  target_ids = jnp.arange(1, num_targets + 1, dtype=segment_ids.dtype)[:, None]  # [M, 1]
+  result = 0.0
+  for index, weight in bilinear_corners(points, h, w):
+    values = jnp.take(flat, index, axis=1)  # [S, P] or [S, M, P]
+    if points.ndim == 2:
+      values = values[:, None, :]
+    inside = jnp.any(values == target_ids[None], axis=0)  # [M, P]
+    result = result + jnp.where(inside, weight, 0.0)
+  return result
+
+
+def num_points_split(num_points: int, oversample_ratio: float,
+                     importance_sample_ratio: float) -> Tuple[int, int, int]:
+  """(oversampled, most uncertain kept, fresh uniform) point counts, as the authors round them."""
+  if num_points < 1:
+    raise ValueError(f"loss.num_points must be >= 1, got {num_points}")
+  if oversample_ratio < 1:
+    raise ValueError(f"loss.oversample_ratio must be >= 1, got {oversample_ratio}")
+  if not 0.0 <= importance_sample_ratio <= 1.0:
+    raise ValueError(
+        f"loss.importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
+  num_oversampled = int(num_points * oversample_ratio)
+  num_uncertain = int(importance_sample_ratio * num_points)
+  return num_oversampled, num_uncertain, num_points - num_uncertain
+
+
+def importance_points(maps: jax.Array, rows: jax.Array, oversampled: jax.Array,
+                      fresh: jax.Array, num_uncertain: int) -> jax.Array:
+  """Uncertainty-based point selection for each (map row, target) pair.
+
+  Keeps the `num_uncertain` candidates whose sampled logit is closest to 0 (uncertainty -|logit|)
+  and appends the fresh uniform points. Carries no gradient.
+
+  Args:
+    maps: mask logits [Q, h, w].
+    rows: int [N] map index of each pair.
+    oversampled: candidate points [N, P_over, 2].
+    fresh: uniform points [N, P - num_uncertain, 2].
+    num_uncertain: how many candidates to keep.
+
+  Returns:
+    float32 [N, P, 2].
+  """
+  if num_uncertain == 0:
+    return fresh.astype(jnp.float32)
+  maps = jax.lax.stop_gradient(maps)
+  uncertainty = -jnp.abs(point_sample_rows(maps, rows, oversampled))  # [N, P_over]
+  _, keep = jax.lax.top_k(uncertainty, num_uncertain)
+  chosen = jnp.take_along_axis(oversampled, keep[..., None], axis=1)
+  return jnp.concatenate([chosen, fresh.astype(chosen.dtype)], axis=1).astype(jnp.float32)

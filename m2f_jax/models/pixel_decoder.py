@@ -1,0 +1,166 @@
+"""Mask2Former's pixel decoder: a multi-scale deformable attention encoder over res5..res3 and
+one FPN step on res2 (the authors' MSDeformAttnPixelDecoder). Runs in float32 throughout, as the
+authors disable autocast here.
+"""
+from typing import Dict, List, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2f_jax.models.ms_deform_attn import MSDeformAttn
+from m2f_jax.models.position import sine_position_embedding
+
+ENCODER_FEATURES = ("res5", "res4", "res3")  # low to high resolution: 1/32, 1/16, 1/8
+FPN_FEATURE = "res2"
+
+# detectron2's c2_xavier_fill: kaiming_uniform(a=1), i.e. U(+-sqrt(3 / fan_in)).
+c2_xavier_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default nn.Linear bias init, U(+-1 / sqrt(fan_in)) (kept by the authors' FFN)."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _group_norm(num_groups: int, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, name=name)
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
+
+
+def encoder_reference_points(spatial_shapes: Tuple[Tuple[int, int], ...]) -> jnp.ndarray:
+  """Pixel centres of every level, ((j + 0.5) / w_l, (i + 0.5) / h_l): [S, 2] (x, y).
+
+  With no padding mask every valid ratio is 1, so a query's reference point is the same on
+  every level.
+  """
+  points = []
+  for height, width in spatial_shapes:
+    y, x = jnp.meshgrid((jnp.arange(height, dtype=jnp.float32) + 0.5) / height,
+                        (jnp.arange(width, dtype=jnp.float32) + 0.5) / width, indexing="ij")
+    points.append(jnp.stack([x.reshape(-1), y.reshape(-1)], axis=-1))
+  return jnp.concatenate(points, axis=0)
+
+
+def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+  """PyTorch `interpolate(mode='bilinear', align_corners=False)`, no antialiasing: [B,h,w,C] -> [B,H,W,C]."""
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method="linear", antialias=False)
+
+
+class EncoderLayer(nn.Module):
+  """Deformable self-attention + FFN (ReLU), post-norm, no dropout (authors' names)."""
+  d_model: int
+  n_levels: int
+  n_heads: int
+  n_points: int
+  ffn_dim: int
+
+  @nn.compact
+  def __call__(self, src: jnp.ndarray, pos: jnp.ndarray, reference_points: jnp.ndarray,
+               spatial_shapes: Tuple[Tuple[int, int], ...]) -> jnp.ndarray:
+    """src [B, S, C], pos [S, C] or [B, S, C], reference_points [B, S, L, 2] -> [B, S, C]."""
+    attended = MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points, name="self_attn")(
+        src + pos, reference_points, src, spatial_shapes)
+    src = _layer_norm("norm1")(src + attended)
+    hidden = nn.Dense(self.ffn_dim, kernel_init=nn.initializers.xavier_uniform(),
+                      bias_init=torch_linear_bias_init(self.d_model), name="linear1")(src)
+    hidden = nn.Dense(self.d_model, kernel_init=nn.initializers.xavier_uniform(),
+                      bias_init=torch_linear_bias_init(self.ffn_dim), name="linear2")(nn.relu(hidden))
+    return _layer_norm("norm2")(src + hidden)
+
+
+class PixelDecoder(nn.Module):
+  """MSDeformAttn pixel decoder.
+
+  Attributes:
+    conv_dim: width of the encoder and FPN maps.
+    mask_dim: channels of mask_features.
+    num_layers: deformable encoder layers.
+    num_heads: deformable attention heads.
+    num_points: sampling points per head and level.
+    ffn_dim: encoder FFN width.
+    num_groups: GroupNorm groups.
+  """
+  conv_dim: int = 256
+  mask_dim: int = 256
+  num_layers: int = 6
+  num_heads: int = 8
+  num_points: int = 4
+  ffn_dim: int = 1024
+  num_groups: int = 32
+
+  @nn.compact
+  def __call__(self, features: Dict[str, jnp.ndarray]) -> Tuple[jnp.ndarray, List[jnp.ndarray]]:
+    """Encodes the backbone features.
+
+    Args:
+      features: 'res2'..'res5' [B, h, w, C_in] at strides 4, 8, 16, 32 (any float dtype).
+
+    Returns:
+      mask_features float32 [B, H/4, W/4, mask_dim] and the encoder maps float32
+      [B, h_l, w_l, conv_dim] at 1/32, 1/16, 1/8 (this order).
+    """
+    self._check(features)
+    levels = len(ENCODER_FEATURES)
+    level_embed = self.param("level_embed", nn.initializers.normal(1.0), (levels, self.conv_dim))
+    batch = features[FPN_FEATURE].shape[0]
+
+    tokens, positions, spatial_shapes = [], [], []
+    for i, name in enumerate(ENCODER_FEATURES):
+      x = features[name].astype(jnp.float32)
+      x = nn.Conv(self.conv_dim, (1, 1), kernel_init=nn.initializers.xavier_uniform(),
+                  name=f"input_proj_{i}")(x)
+      x = _group_norm(self.num_groups, f"input_proj_{i}_norm")(x)
+      _, height, width, _ = x.shape
+      spatial_shapes.append((height, width))
+      tokens.append(x.reshape(batch, height * width, self.conv_dim))
+      pos = sine_position_embedding(height, width, self.conv_dim // 2) + level_embed[i]
+      positions.append(pos.reshape(height * width, self.conv_dim))
+    spatial_shapes = tuple(spatial_shapes)
+    src = jnp.concatenate(tokens, axis=1)  # [B, S, C]
+    pos = jnp.concatenate(positions, axis=0)  # [S, C]
+    reference = encoder_reference_points(spatial_shapes)  # [S, 2]
+    reference = jnp.broadcast_to(reference[None, :, None, :], (batch, reference.shape[0], levels, 2))
+
+    for i in range(self.num_layers):
+      src = EncoderLayer(self.conv_dim, levels, self.num_heads, self.num_points, self.ffn_dim,
+                         name=f"encoder_layer_{i}")(src, pos, reference, spatial_shapes)
+
+    multi_scale, start = [], 0
+    for height, width in spatial_shapes:
+      multi_scale.append(src[:, start:start + height * width].reshape(batch, height, width, self.conv_dim))
+      start += height * width
+
+    lateral = features[FPN_FEATURE].astype(jnp.float32)
+    lateral = nn.Conv(self.conv_dim, (1, 1), use_bias=False, kernel_init=c2_xavier_init, name="adapter_1")(lateral)
+    lateral = _group_norm(self.num_groups, "adapter_1_norm")(lateral)
+    y = lateral + resize_bilinear(multi_scale[-1], lateral.shape[1], lateral.shape[2])
+    y = nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=c2_xavier_init,
+                name="layer_1")(y)
+    y = nn.relu(_group_norm(self.num_groups, "layer_1_norm")(y))
+    mask_features = nn.Conv(self.mask_dim, (1, 1), kernel_init=c2_xavier_init, name="mask_features")(y)
+    return mask_features, multi_scale
+
+  def _check(self, features: Dict[str, jnp.ndarray]) -> None:
+    """Raises ValueError on missing or ill-shaped backbone features or a bad width."""
+    if self.conv_dim % self.num_groups:
+      raise ValueError(f"pixel decoder conv_dim ({self.conv_dim}) must be divisible by num_groups "
+                       f"({self.num_groups})")
+    if self.conv_dim % self.num_heads or self.conv_dim % 2:
+      raise ValueError(f"pixel decoder conv_dim ({self.conv_dim}) must be even and divisible by num_heads "
+                       f"({self.num_heads})")
+    missing = [k for k in (FPN_FEATURE,) + ENCODER_FEATURES if k not in features]
+    if missing:
+      raise ValueError(f"pixel decoder needs backbone features {missing}; got keys {sorted(features)}")
+    for name in (FPN_FEATURE,) + ENCODER_FEATURES:
+      if features[name].ndim != 4:
+        raise ValueError(f"backbone feature {name!r} must be [B, h, w, C], got shape {features[name].shape}")

@@ -1,0 +1,192 @@
+"""The training loop: state on the mesh, resume, data, update steps, logging, checkpoints."""
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from m2f_jax import parallel
+from m2f_jax import variables_io
+from m2f_jax.training import checkpointing
+from m2f_jax.training import optimizer
+from m2f_jax.training import state as state_lib
+from m2f_jax.training import step as step_lib
+
+# make_iterator(cfg, start_step, process_index, process_count) -> iterator of local numpy batches
+IteratorFn = Callable[..., Iterator[dict]]
+
+
+def check_run_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the first bad run key."""
+  for key in ("total_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+  if cfg.init_from is not None and not os.path.isdir(cfg.init_from):
+    raise FileNotFoundError(f"config.init_from={cfg.init_from!r} is not a directory")
+
+
+class _StopRequest:
+  """Remembers a SIGTERM; every process agrees on stopping at the same step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
+
+  def restore_handler(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Logger:
+  """Means of the step metrics over each logging interval to stdout and TensorBoard."""
+
+  def __init__(self, workdir: str, batch_size: int, enabled: bool):
+    self._enabled = enabled
+    self._batch_size = batch_size
+    self._pending = []
+    self._writer = None
+    self._tf = None
+    if enabled:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], "GPU")
+      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      # What tf.summary.scalar would write; built here as that needs the tensorboard package.
+      self._scalar_metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+          data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
+      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    self._since = time.perf_counter()
+
+  def add(self, metrics: dict) -> None:
+    self._pending.append(metrics)
+
+  def flush(self, step: int, skipped_total: int, bar: tqdm.tqdm) -> None:
+    if not self._pending:
+      return
+    history = jax.device_get(self._pending)
+    elapsed = time.perf_counter() - self._since
+    means = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+    means["images_per_second"] = self._batch_size * len(history) / max(elapsed, 1e-9)
+    means["skipped_total"] = float(skipped_total)
+    self._pending, self._since = [], time.perf_counter()
+    if not self._enabled:
+      return
+    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
+    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.5g}" for k, v in sorted(means.items())))
+    with self._writer.as_default(step=step):
+      for k, v in means.items():
+        self._tf.summary.write(k, self._tf.constant(v, self._tf.float32),
+                               metadata=self._scalar_metadata)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def _initial_state(cfg, model, tx, mesh, ckpt, init_key) -> state_lib.TrainState:
+  """Latest checkpoint of the workdir, else `cfg.init_from` variables, else a fresh init."""
+  image_hw = tuple(cfg.data.image_size)
+
+  def init_fn(key):
+    return state_lib.create_train_state(state_lib.init_variables(model, key, image_hw), tx)
+
+  replicated = parallel.replicated(mesh)
+  abstract = jax.eval_shape(init_fn, init_key)
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+  if ckpt.latest_step() is not None:
+    return ckpt.restore(abstract)
+  if cfg.init_from is not None:
+    target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
+    variables = variables_io.load_variables(cfg.init_from, target)
+    create = jax.jit(lambda v: state_lib.create_train_state(v, tx), out_shardings=replicated)
+    return create(variables)
+  return jax.jit(init_fn, out_shardings=replicated)(init_key)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, model: Optional[Any] = None,
+          loss_fn: Optional[step_lib.LossFn] = None,
+          make_iterator: Optional[IteratorFn] = None) -> tuple[state_lib.TrainState, bool]:
+  """Trains until cfg.total_steps, resuming from the latest checkpoint in `workdir`.
+
+  `model`, `loss_fn` and `make_iterator` default to build_model(cfg), the Mask2Former criterion
+  and m2f_jax.data.train_iterator.
+
+  Returns:
+    (final state, finished): finished is False when a SIGTERM stopped the run early (a
+    checkpoint of the stopping step is on disk).
+  """
+  check_run_config(cfg)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(cfg.batch_size, mesh)
+  if model is None:
+    from m2f_jax.models import build_model  # pylint: disable=g-import-not-at-top
+    model = build_model(cfg)
+  if loss_fn is None:
+    loss_fn = step_lib.default_loss_fn(cfg)
+  if make_iterator is None:
+    from m2f_jax.data import train_iterator as make_iterator  # pylint: disable=g-import-not-at-top
+  is_chief = jax.process_index() == 0
+
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  tx, schedule = optimizer.build_optimizer(cfg)
+  init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
+  ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints)
+  state = _initial_state(cfg, model, tx, mesh, ckpt, init_key)
+  step = int(jax.device_get(state.step))
+  if is_chief:
+    print(f"m2f_jax: {state_lib.num_params(state.params):,} parameters, {mesh.devices.size} "
+          f"devices, {jax.process_count()} processes, starting at step {step}", flush=True)
+
+  train_step = step_lib.make_train_step(model, loss_fn, tx, schedule, mesh, step_key)
+  batches = make_iterator(cfg, start_step=step, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+  stop = _StopRequest()
+  logger = _Logger(workdir, cfg.batch_size, enabled=is_chief)
+  bar = tqdm.tqdm(initial=step, total=cfg.total_steps, disable=not is_chief, dynamic_ncols=True)
+  finished = True
+  try:
+    while step < cfg.total_steps:
+      state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
+      step += 1
+      bar.update(1)
+      logger.add(metrics)
+      if step % cfg.log_every == 0 or step == cfg.total_steps:
+        logger.flush(step, int(jax.device_get(state.skipped)), bar)
+      stopping = stop.agreed()
+      if stopping or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+        ckpt.save(state)
+      if stopping:
+        finished = step == cfg.total_steps
+        if is_chief:
+          bar.write(f"SIGTERM: saved a checkpoint at step {step} and stopped")
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    bar.close()
+    logger.close()
+    stop.restore_handler()
+  return state, finished

@@ -1,0 +1,39 @@
+"""Trains Mask2Former: `python train.py --config configs/NAME.py --workdir DIR [--config.KEY=VALUE]`.
+
+Resumes from the latest checkpoint in DIR; `--config.init_from=VARS_DIR` starts from converted
+weights instead. Multi-host: pass --coordinator_address/--num_processes/--process_id (or the
+M2F_* environment variables, see m2f_jax.parallel), or --multihost to let JAX detect the cluster.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from m2f_jax import parallel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Let JAX detect the cluster (TPU pod, SLURM).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  auto=_MULTIHOST.value)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # TensorFlow (data, summaries) stays off accelerators
+  from m2f_jax.training import loop  # pylint: disable=g-import-not-at-top
+  _, finished = loop.train(_CONFIG.value, _WORKDIR.value)
+  if not finished:
+    sys.exit(143)  # stopped by SIGTERM after saving a checkpoint
+
+
+if __name__ == "__main__":
+  app.run(main)
