@@ -18,7 +18,7 @@ from m2f_jax.models.resnet import BatchNorm
 import torch_reference
 
 ALL_STAGES = ["stage1", "stage2", "stage3", "stage4"]
-KEYS_FILE = "/work/shared/detectron2_r50_coco_panoptic_keys.txt"
+KEYS_FILE = torch_reference.AUTHORS_R50_KEYS
 
 
 def _padding_swin_config() -> transformers.SwinConfig:

@@ -13,10 +13,11 @@ from m2f_jax import variables_io
 from m2f_jax.convert.detectron2 import from_detectron2
 from m2f_jax.convert.hf import from_hf
 from m2f_jax.models import build_model
-from tests.torch_reference import hf_config, random_model, state_dict_numpy
+import torch_reference
+from torch_reference import hf_config, random_model, state_dict_numpy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUTHORS_R50_KEYS = "/work/shared/detectron2_r50_coco_panoptic_keys.txt"
+AUTHORS_R50_KEYS = torch_reference.AUTHORS_R50_KEYS
 
 # transformers in-memory name -> the authors' detectron2 name (REFERENCE.md §5), written
 # independently of the converter. Entries whose target holds "{qkv}" are packed q; k; v.
@@ -187,7 +188,6 @@ def test_malicious_pickle_is_refused_before_running(tmp_path):
   assert marker.exists()
 
 
-@pytest.mark.skipif(not os.path.exists(AUTHORS_R50_KEYS), reason="authors' R50 name list not present")
 def test_every_name_of_the_authors_r50_checkpoint_converts():
   state = {}
   with open(AUTHORS_R50_KEYS) as f:
@@ -236,3 +236,16 @@ def test_from_hf_rejects_unsupported_configs(torch_model, key, value):
   hf_dict[key] = value
   with pytest.raises(ValueError, match=key):
     from_hf(hf_dict, state_dict_numpy(torch_model))
+
+
+def test_tool_converts_a_detectron2_pickle(torch_model, tmp_path):
+  from m2f_jax.tools import convert as convert_tool
+  state = state_dict_numpy(torch_model)
+  cfg, expected = from_hf(torch_model.config.to_dict(), state)
+  path = tmp_path / "model_final_test.pkl"
+  write_authors_pickle(path, to_detectron2(state))
+  with pytest.raises(ValueError, match="needs --config"):
+    convert_tool.convert("detectron2", str(path), str(tmp_path / "no_config"))
+  convert_tool.convert("detectron2", str(path), str(tmp_path / "out"), cfg)
+  assert_same_tree(variables_io.load_variables(str(tmp_path / "out")), expected)
+  assert variables_io.load_config(str(tmp_path / "out"))["model"]["num_classes"] == cfg.model.num_classes

@@ -9,7 +9,7 @@ import torch
 
 from m2f_jax.convert.hf import from_hf
 from m2f_jax.models import build_model
-from tests.torch_reference import hf_config, normalise, random_model, state_dict_numpy
+from torch_reference import hf_config, normalise, random_model, state_dict_numpy
 
 BATCH = 2
 IMAGE_HW = (64, 96)  # non-square

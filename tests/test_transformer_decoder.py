@@ -6,7 +6,7 @@ import torch
 
 from m2f_jax.convert.hf import TRANSFORMER_PREFIX, CLASS_PREFIX, config_from_hf, convert_hf_transformer_decoder
 from m2f_jax.models.transformer_decoder import MaskedAttentionDecoder, bilinear_resize_matrix, resize_bilinear
-from tests.torch_reference import hf_config, random_model, state_dict_numpy
+from torch_reference import hf_config, random_model, state_dict_numpy
 
 BATCH = 2
 IMAGE_HW = (64, 96)  # non-square; levels 2x3, 4x6, 8x12, masks 16x24

@@ -3,6 +3,8 @@
 Builds small models offline with every parameter and every norm statistic randomised
 (default inits hide transposition bugs) and runs them on CPU in float32.
 """
+import os
+
 import numpy as np
 import torch
 import transformers
@@ -68,3 +70,8 @@ def normalise(images_uint8: np.ndarray) -> torch.Tensor:
   std = np.array([58.395, 57.12, 57.375], np.float32)
   x = (images_uint8.astype(np.float32) - mean) / std
   return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+# The authors' R50 COCO panoptic tensor names and shapes, in the read-only shared/ folder beside the repository.
+AUTHORS_R50_KEYS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "shared", "detectron2_r50_coco_panoptic_keys.txt")

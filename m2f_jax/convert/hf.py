@@ -7,7 +7,7 @@ class head and the routing between them.
 """
 import json
 import os
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from absl import logging
 import ml_collections
@@ -33,7 +33,7 @@ class StateDictReader:
     self._source = source
     self._missing = []
 
-  def take(self, name: str, shape: Tuple[int, ...] = None) -> np.ndarray:
+  def take(self, name: str, shape: Optional[Tuple[int, ...]] = None) -> np.ndarray:
     """The array stored under `name` (checked against `shape` when given)."""
     if name not in self._entries:
       self._missing.append(name)
@@ -125,10 +125,15 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
     if value != supported:
       raise ValueError(f"Mask2Former config {key}={value!r} is not supported (the authors' model has "
                        f"{supported!r})")
+  required = ("feature_size", "mask_feature_size", "hidden_dim", "encoder_layers", "encoder_feedforward_dim",
+              "num_attention_heads", "num_queries", "dim_feedforward", "decoder_layers")
+  missing = [key for key in required if not isinstance(hf_config.get(key), int)]
+  if missing:
+    raise ValueError(f"Mask2Former config lacks integer values for {missing}")
   if hf_config.get("enforce_input_projection") and hf_config["feature_size"] == hf_config["hidden_dim"]:
     raise ValueError("Mask2Former config enforce_input_projection=True with feature_size == hidden_dim "
                      "is not supported: the decoder projects its inputs only when the widths differ")
-  if hf_config.get("decoder_layers", 0) < 1:
+  if hf_config["decoder_layers"] < 1:
     raise ValueError(f"decoder_layers must be >= 1 (it counts predictions), got "
                      f"{hf_config.get('decoder_layers')}")
   if hf_config.get("dropout", 0.0):
