@@ -126,3 +126,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = config_dict.placeholder(str)  # converted checkpoint dir to start from
   return c
+
+
+def use_poly_recipe(c: ml_collections.ConfigDict, *, data_name: str, augment: str, num_classes: int,
+                    total_steps: int, crop: tuple, short_side: int, max_size_train: int,
+                    min_size_test: int, max_size_test: int) -> ml_collections.ConfigDict:
+  """ADE20K and Cityscapes recipes: poly schedule, shortest side in short_side x {0.5, 0.6, ..., 2.0}, crop."""
+  c.model.num_classes = num_classes
+  c.optimizer.schedule = "poly"
+  c.total_steps = total_steps
+  c.data.name = data_name
+  c.data.augment = augment
+  c.data.image_size = crop
+  c.data.min_size_train = tuple(int(short_side * x * 0.1) for x in range(5, 21))
+  c.data.max_size_train = max_size_train
+  c.data.min_size_test, c.data.max_size_test = min_size_test, max_size_test
+  return c
