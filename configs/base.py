@@ -78,7 +78,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       learning_rate=1e-4, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
       backbone_multiplier=0.1, clip_norm=0.01,
       schedule="step",                         # 'step' (COCO) or 'poly' (ADE20K, Cityscapes)
-      step_fractions=(0.889, 0.963), step_factor=0.1, poly_power=0.9,
+      step_fractions=(327_778 / 368_750, 355_092 / 368_750), step_factor=0.1, poly_power=0.9,
   ))
 
   # ---------------------------------------------------------------- data

@@ -17,7 +17,7 @@ def get_config():
   c.model.decoder.update(num_queries=20, hidden_dim=64, num_heads=4, ffn_dim=256, num_layers=3)
   c.loss.num_points = 1024
 
-  c.optimizer.learning_rate = 3e-4
+  c.optimizer.learning_rate = 1e-3              # 1000 steps from scratch: PQ 25 at 800 steps vs 19 with 3e-4
   c.optimizer.backbone_multiplier = 1.0         # the tiny backbone starts from scratch
   c.optimizer.clip_norm = 0.1
 
@@ -32,7 +32,7 @@ def get_config():
   c.data.shuffle_buffer = 256
 
   c.eval.batch_size = 16
-  c.total_steps = 1500
+  c.total_steps = 1000                          # `make demo` in under 20 minutes on 2 CPU cores
   c.batch_size = 8
   c.checkpoint_every = 250
   c.log_every = 25

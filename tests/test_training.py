@@ -15,15 +15,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from ml_collections import config_dict
 
-if not hasattr(ml_collections, "placeholder"):  # TEMP: configs/base.py needs it (reported to lead)
-  ml_collections.placeholder = config_dict.placeholder
-
-from configs import synthetic  # pylint: disable=g-import-not-at-top
-from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
-from m2f_jax.models import build_model  # pylint: disable=g-import-not-at-top
-from m2f_jax.training import checkpointing, loop, optimizer, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+from configs import synthetic
+from m2f_jax import parallel
+from m2f_jax import variables_io
+from m2f_jax.models import build_model
+from m2f_jax.training import checkpointing
+from m2f_jax.training import loop
+from m2f_jax.training import optimizer
+from m2f_jax.training import state as state_lib
+from m2f_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(norm: str = "frozen_bn") -> ml_collections.ConfigDict:
   """configs/synthetic.py shrunk for fast compiles: 64x64 images, 1 decoder layer."""
   cfg = synthetic.get_config()
-  cfg.model.backbone.update(depth=14, norm=norm)
+  cfg.model.backbone.norm = norm
   cfg.model.num_classes = 3
   cfg.model.pixel_decoder.update(conv_dim=32, mask_dim=32, num_layers=1, num_heads=2, ffn_dim=64,
                                  num_groups=4)
@@ -175,6 +176,23 @@ def test_checkpoint_roundtrip_and_restore_variables(setup, tmp_path):
     checkpointing.restore_variables(str(tmp_path), wrong)
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     checkpointing.restore_variables(str(tmp_path / "nothing"))
+
+
+def test_init_from_starts_the_loop_from_those_variables(setup, tmp_path):
+  start = setup["init"](jax.random.key(5))  # not the loop's own initialisation
+  variables_io.save_variables(str(tmp_path / "vars"), _host(start.variables))
+  cfg = setup["cfg"].copy_and_resolve_references()
+  cfg.init_from = str(tmp_path / "vars")
+  final, finished = loop.train(cfg, str(tmp_path / "run"), make_iterator=synthetic_batches,
+                               loss_fn=nan_when_flagged(step_lib.default_loss_fn(cfg)))
+  assert finished and int(final.step) == cfg.total_steps
+  batches = synthetic_batches(cfg)
+  expected = start
+  for _ in range(cfg.total_steps):
+    expected, _ = setup["step"](expected, parallel.global_batch(next(batches), setup["mesh"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+               _host(final.params), _host(expected.params))
+  assert (tmp_path / "run" / "config.json").exists()
 
 
 def test_bad_run_config_is_named(setup):

@@ -3,10 +3,9 @@ post-processing, metrics, test-time augmentation for semantic segmentation, over
 import json
 import os
 import time
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -60,7 +59,8 @@ def augmented_images(images: np.ndarray, valid_hw: np.ndarray, scale: float, fli
   Returns images uint8 [B, H', W', 3] padded to a multiple of `divisor` and their valid sizes.
   """
   height, width = images.shape[1:3]
-  frame = (_round_up(max(1, round(height * scale)), divisor), _round_up(max(1, round(width * scale)), divisor))
+  frame = (_round_up(max(1, round(height * scale)), divisor),
+           _round_up(max(1, round(width * scale)), divisor))
   out = np.zeros((len(images), *frame, 3), np.uint8)
   sizes = np.zeros((len(images), 2), np.int32)
   for i, (image, (vh, vw)) in enumerate(zip(images, valid_hw)):
@@ -140,7 +140,8 @@ def evaluate(cfg: ml_collections.ConfigDict, model: Any, variables: dict, batche
     if evaluator is None:
       tasks = evaluator_lib.supported_tasks(tuple(eval_cfg.tasks), batch["ground_truth"][0])
       if not tasks:
-        raise ValueError(f"the data set {cfg.data.name!r} supports none of eval.tasks={tuple(eval_cfg.tasks)}")
+        raise ValueError(f"the data set {cfg.data.name!r} supports none of "
+                         f"eval.tasks={tuple(eval_cfg.tasks)}")
       evaluator = evaluator_lib.Evaluator(tasks, dataset_info.num_classes, dataset_info.is_thing,
                                           dataset_info.class_names, cfg.data.ignore_label)
       single_scale = tuple(t for t in tasks if not (use_tta and t == "semantic"))

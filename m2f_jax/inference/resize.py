@@ -29,7 +29,8 @@ def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 def crop_and_resize_matrix(feature_size: int, padded_size: int, valid_size: int,
                            out_size: int) -> np.ndarray:
-  """[out_size, feature_size]: upsample to `padded_size`, keep the first `valid_size`, resize to `out_size`."""
+  """[out_size, feature_size]: upsample to `padded_size`, keep the first `valid_size` rows, then
+  resize to `out_size`."""
   if not 0 < valid_size <= padded_size:
     raise ValueError(f"valid size {valid_size} must lie in 1..{padded_size} (the padded size)")
   upsample = interpolation_matrix(feature_size, padded_size)[:valid_size].astype(np.float64)

@@ -82,8 +82,9 @@ def _step_directory(path: str) -> str:
   if os.path.isdir(os.path.join(path, "variables")):
     return path
   for candidate in (os.path.join(path, CHECKPOINT_DIR), path):
-    steps = [int(n) for n in os.listdir(candidate) if n.isdigit()] if os.path.isdir(candidate) else []
-    steps = [s for s in steps if os.path.isdir(os.path.join(candidate, str(s), "variables"))]
+    names = os.listdir(candidate) if os.path.isdir(candidate) else []
+    steps = [int(n) for n in names
+             if n.isdigit() and os.path.isdir(os.path.join(candidate, n, "variables"))]
     if steps:
       return os.path.join(candidate, str(max(steps)))
   raise FileNotFoundError(f"no checkpoint at {path}: expected a train workdir, its "

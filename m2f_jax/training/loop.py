@@ -1,6 +1,6 @@
 """The training loop: state on the mesh, resume, data, update steps, logging, checkpoints."""
-import json
 import os
+import re
 import signal
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -53,8 +53,20 @@ class _StopRequest:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _sum_over_layers(metrics: dict) -> dict:
+  """Per-prediction terms ('loss_ce_0', 'loss_ce_1', ...) summed into one ('loss_ce')."""
+  out = {}
+  for key, value in metrics.items():
+    group = re.sub(r"_\d+$", "", key)
+    out[group] = out.get(group, 0.0) + value
+  return out
+
+
 class _Logger:
-  """Means of the step metrics over each logging interval to stdout and TensorBoard."""
+  """Means of the step metrics over each logging interval to stdout and TensorBoard.
+
+  TensorBoard gets every term; stdout sums the per-prediction loss terms.
+  """
 
   def __init__(self, workdir: str, batch_size: int, enabled: bool):
     self._enabled = enabled
@@ -89,7 +101,8 @@ class _Logger:
     if not self._enabled:
       return
     bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
-    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.5g}" for k, v in sorted(means.items())))
+    bar.write(f"step {step}: " + ", ".join(
+        f"{k}={v:.5g}" for k, v in sorted(_sum_over_layers(means).items())))
     with self._writer.as_default(step=step):
       for k, v in means.items():
         self._tf.summary.write(k, self._tf.constant(v, self._tf.float32),

@@ -3,8 +3,8 @@
 Parameter groups follow the authors' `build_optimizer` (train_net.py), matched here by the path of
 each leaf in the param tree ('backbone/res2_0/conv1/kernel'):
 - lr x `backbone_multiplier` for everything under the top-level 'backbone'.
-- No weight decay on normalisation layers (any param dict holding 'scale' and no 'kernel': LayerNorm,
-  GroupNorm, BatchNorm) and on the paths matched by `optimizer.no_decay_patterns` (query features,
+- No weight decay on normalisation layers (any param dict holding 'scale' and no 'kernel':
+  LayerNorm, GroupNorm, BatchNorm) and on the paths matched by `optimizer.no_decay_patterns` (query features,
   query positions, level embeddings, Swin relative-position tables). Biases do get weight decay.
 - Frozen BatchNorm ('frozen_bn' ResNet backbones): the backbone's norm params never change; their
   gradients are zeroed before clipping, as the authors keep them as buffers outside the optimiser.
@@ -84,7 +84,8 @@ def param_labels(params: Any, cfg: ml_collections.ConfigDict) -> Any:
 def decay_mask(params: Any, cfg: ml_collections.ConfigDict) -> Any:
   """Per-leaf bool: True where weight decay applies (same structure as params)."""
   norms = _norm_dicts(params)
-  patterns = [re.compile(p) for p in cfg.optimizer.get("no_decay_patterns", DEFAULT_NO_DECAY_PATTERNS)]
+  patterns = cfg.optimizer.get("no_decay_patterns", DEFAULT_NO_DECAY_PATTERNS)
+  patterns = [re.compile(p) for p in patterns]
 
   def decays(path, _):
     name = _path_str(path)
@@ -99,7 +100,7 @@ def decay_mask(params: Any, cfg: ml_collections.ConfigDict) -> Any:
 def build_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Learning rate per step (no warm-up).
 
-  'step': lr * step_factor ** (number of boundaries int(f * total_steps) <= step).
+  'step': lr * step_factor ** (number of boundaries round(f * total_steps) <= step).
   'poly': lr * (1 - step / total_steps) ** poly_power.
   """
   if total_steps <= 0:
@@ -109,7 +110,7 @@ def build_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> opta
     fractions = tuple(opt_cfg.step_fractions)
     if any(not 0.0 < f <= 1.0 for f in fractions) or list(fractions) != sorted(fractions):
       raise ValueError(f"optimizer.step_fractions must be increasing in (0, 1], got {fractions}")
-    boundaries = jnp.asarray([int(f * total_steps) for f in fractions], jnp.int32)
+    boundaries = jnp.asarray([round(f * total_steps) for f in fractions], jnp.int32)
     factor = float(opt_cfg.step_factor)
 
     def step_schedule(step):
@@ -137,7 +138,8 @@ def build_optimizer(cfg: ml_collections.ConfigDict
     required for weight decay) and the base learning rate as a function of the step.
   """
   opt = cfg.optimizer
-  for key in ("learning_rate", "b1", "b2", "eps", "weight_decay", "clip_norm", "backbone_multiplier"):
+  for key in ("learning_rate", "b1", "b2", "eps", "weight_decay", "clip_norm",
+              "backbone_multiplier"):
     if opt[key] is None or opt[key] < 0:
       raise ValueError(f"optimizer.{key} must be a non-negative number, got {opt[key]!r}")
   if not 0.0 <= opt.b1 < 1.0 or not 0.0 <= opt.b2 < 1.0:

@@ -1,5 +1,5 @@
 """The train step: one jax.jit over global arrays (batch sharded P('data'), state replicated)."""
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,12 @@ def make_train_step(model: Any, loss_fn: LossFn, tx: optax.GradientTransformatio
   """A jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
 
   The batch holds global arrays (`parallel.global_batch`): image uint8 [B, H, W, 3] (the model
-  normalises it on device and zeroes the padding outside valid_hw [B, 2]), labels [B, M],
+  normalises it on device; training crops are padded with 128 before normalising, as the authors'
+  mappers do, so no valid_hw masking here), labels [B, M],
   segment_ids [B, S, H, W].
   Randomness (dropout / drop-path, point sampling) comes from the key `rng` folded with the step,
-  so a resumed run repeats an uninterrupted one. A non-finite loss or gradient norm leaves params, batch_stats and
-  opt_state unchanged and counts the step in `state.skipped`.
+  so a resumed run repeats an uninterrupted one. A non-finite loss or gradient norm leaves params,
+  batch_stats and opt_state unchanged and counts the step in `state.skipped`.
 
   Metrics (float32 scalars, replicated): 'loss', every loss term, 'grad_norm' (before clipping),
   'learning_rate' (base lr of this step) and 'skipped' (1.0 when this update was skipped).
@@ -52,8 +53,7 @@ def make_train_step(model: Any, loss_fn: LossFn, tx: optax.GradientTransformatio
 
     def objective(params):
       outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                     batch["image"], train=True, valid_hw=batch["valid_hw"],
-                                     rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+                                     batch["image"], train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
       outputs = jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
       total, terms = loss_fn(outputs, batch, loss_key)
       return total.astype(jnp.float32), (terms, updates.get("batch_stats", {}))

@@ -1,0 +1,251 @@
+"""Our jitted train step vs transformers' PyTorch train step, on CPU, same weights and batch.
+
+  python benchmarks/train_step.py            # Swin-T Mask2Former (COCO panoptic), 384x384, batch 2
+  python benchmarks/train_step.py --small    # a small Swin model at 128x128, for a quick run
+
+Each measurement runs in its own subprocess so its peak resident memory (ru_maxrss) is its own:
+  convert  builds the torch model (seeded) and writes its weights converted to Flax variables
+  jax    our train step (m2f_jax.training.step, one CPU device) from those variables
+  torch  Mask2FormerForUniversalSegmentation(pixel_values, mask_labels, class_labels).loss
+         .backward() + AdamW step
+  loss   the criterion alone (forward + gradient w.r.t. the predictions): point-sampled with
+         cfg.loss.num_points vs as many uniform points as the image has pixels (the loss on
+         full-resolution masks); XLA's compiled temp memory, and the peak RSS of running it when
+         that fits in --max_loss_gb
+Seconds per step are the median of --steps timed steps after --warmup untimed ones.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_config(small: bool):
+  """The benchmarked recipe: COCO panoptic Swin-T, or a small Swin variant with --small."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  cfg = base.get_base_config()
+  cfg.model.backbone = base.swin_backbone("tiny")
+  cfg.data.image_size = (384, 384)
+  cfg.batch_size = 2
+  if small:
+    cfg.model.backbone.update(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                              window_size=4)
+    cfg.model.num_classes = 10
+    cfg.model.pixel_decoder.update(conv_dim=64, mask_dim=64, num_layers=2, num_heads=4,
+                                   ffn_dim=128, num_groups=32)
+    cfg.model.decoder.update(num_queries=20, hidden_dim=64, num_heads=4, ffn_dim=128, num_layers=3)
+    cfg.loss.num_points = 1024
+    cfg.data.image_size = (128, 128)
+  return cfg
+
+
+def make_batch(cfg, num_targets: int = 5, seed: int = 0) -> dict:
+  """Random images and `num_targets` rectangular segments per image (batch contract)."""
+  rng = np.random.default_rng(seed)
+  b, (h, w) = cfg.batch_size, cfg.data.image_size
+  labels = np.full((b, cfg.data.max_targets), -1, np.int32)
+  segments = np.zeros((b, 1, h, w), np.int32)
+  for i in range(b):
+    for t in range(num_targets):
+      labels[i, t] = rng.integers(0, cfg.model.num_classes)
+      y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+      segments[i, 0, y:y + h // 3, x:x + w // 3] = t + 1
+  return {"image": rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8),
+          "valid_hw": np.tile(np.int32([h, w]), (b, 1)), "labels": labels,
+          "segment_ids": segments}
+
+
+def torch_model(cfg):
+  """transformers' model for `cfg` with seeded random weights, in train mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from m2f_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = transformers.Mask2FormerConfig(**hf.hf_config_from_cfg(cfg))
+  config.train_num_points = cfg.loss.num_points
+  config.oversample_ratio = cfg.loss.oversample_ratio
+  config.importance_sample_ratio = cfg.loss.importance_sample_ratio
+  return transformers.Mask2FormerForUniversalSegmentation(config).train()
+
+
+def _median_step_seconds(run_step, warmup: int, steps: int) -> float:
+  for _ in range(warmup):
+    run_step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    run_step()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def bench_torch(cfg, warmup: int, steps: int) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  model = torch_model(cfg)
+  batch = make_batch(cfg)
+  mean, std = np.float32(cfg.model.pixel_mean), np.float32(cfg.model.pixel_std)
+  pixels = torch.from_numpy(((batch["image"] - mean) / std).transpose(0, 3, 1, 2).copy())
+  mask_labels, class_labels = [], []
+  for labels, segments in zip(batch["labels"], batch["segment_ids"]):
+    ids = np.flatnonzero(labels >= 0)
+    mask_labels.append(torch.from_numpy(np.stack([(segments == i + 1).any(0) for i in ids])
+                                        .astype(np.float32)))
+    class_labels.append(torch.from_numpy(labels[ids].astype(np.int64)))
+  opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.learning_rate,
+                          weight_decay=cfg.optimizer.weight_decay)
+
+  def run_step():
+    loss = model(pixel_values=pixels, mask_labels=mask_labels, class_labels=class_labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  return {"seconds_per_step": _median_step_seconds(run_step, warmup, steps)}
+
+
+def convert_weights(cfg, directory: str) -> dict:
+  """Writes the torch model's weights as Flax variables (so the JAX process never loads torch)."""
+  from m2f_jax import variables_io  # pylint: disable=g-import-not-at-top
+  from m2f_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  model_torch = torch_model(cfg)
+  _, variables = hf.from_hf(model_torch.config.to_dict(), model_torch.state_dict())
+  variables_io.save_variables(directory, variables)
+  return {}
+
+
+def bench_jax(cfg, variables_dir: str, warmup: int, steps: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
+  from m2f_jax import variables_io  # pylint: disable=g-import-not-at-top
+  from m2f_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from m2f_jax.training import optimizer  # pylint: disable=g-import-not-at-top
+  from m2f_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from m2f_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  variables = variables_io.load_variables(variables_dir)
+  mesh = parallel.make_mesh()
+  model = build_model(cfg)
+  tx, schedule = optimizer.build_optimizer(cfg)
+  state = jax.jit(lambda v: state_lib.create_train_state(v, tx),
+                  out_shardings=parallel.replicated(mesh))(variables)
+  train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg), tx, schedule, mesh,
+                                        jax.random.key(0))
+  batch = parallel.global_batch(make_batch(cfg), mesh)
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  holder = {"state": state}
+
+  def run_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  return {"seconds_per_step": _median_step_seconds(run_step, warmup, steps),
+          "compile_seconds": compile_seconds}
+
+
+def bench_loss(cfg, full_resolution: bool, max_gb: float) -> dict:
+  """Temp memory of the compiled criterion + gradient; runs it when that is below `max_gb`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from m2f_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  h, w = cfg.data.image_size
+  if full_resolution:
+    cfg.loss.update(num_points=h * w, oversample_ratio=1.0, importance_sample_ratio=0.0)
+  layers, q = cfg.model.decoder.num_layers + 1, cfg.model.decoder.num_queries
+  rng = np.random.default_rng(0)
+  outputs = {
+      "class_logits": rng.standard_normal((layers, cfg.batch_size, q, cfg.model.num_classes + 1),
+                                          np.float32),
+      "mask_logits": rng.standard_normal((layers, cfg.batch_size, q, h // 4, w // 4), np.float32)}
+  batch = make_batch(cfg)
+  loss_fn = step_lib.default_loss_fn(cfg)
+  grad = jax.jit(jax.grad(lambda o, b, k: loss_fn(o, b, k)[0]))
+  compiled = grad.lower(outputs, batch, jax.random.key(0)).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  ran = temp < max_gb * (1 << 30)
+  if ran:
+    jax.block_until_ready(compiled(outputs, batch, jax.random.key(0)))
+  return {"temp_bytes": int(temp), "points": int(cfg.loss.num_points), "ran": bool(ran)}
+
+
+def _child(args) -> None:
+  cfg = make_config(args.small)
+  if args.child == "convert":
+    result = convert_weights(cfg, args.variables_dir)
+  elif args.child == "torch":
+    result = bench_torch(cfg, args.warmup, args.steps)
+  elif args.child == "jax":
+    result = bench_jax(cfg, args.variables_dir, args.warmup, args.steps)
+  else:
+    result = bench_loss(cfg, args.child == "loss_full", args.max_loss_gb)
+  result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+def _run_child(args, which: str) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--steps", str(args.steps),
+         "--warmup", str(args.warmup), "--variables_dir", args.variables_dir,
+         "--max_loss_gb", str(args.max_loss_gb)] + (["--small"] if args.small else [])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"{which} benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--small", action="store_true", help="small model at 128x128 (quick)")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+  parser.add_argument("--max_loss_gb", type=float, default=8.0,
+                      help="run the criterion only when its compiled temp memory is below this")
+  parser.add_argument("--child", choices=("convert", "jax", "torch", "loss_points", "loss_full"),
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--variables_dir", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.steps < 1 or args.warmup < 0:
+    parser.error("--steps must be >= 1 and --warmup >= 0")
+  if args.child:
+    _child(args)
+    return
+  cfg = make_config(args.small)
+  with tempfile.TemporaryDirectory() as tmp:
+    args.variables_dir = os.path.join(tmp, "variables")
+    results = {name: _run_child(args, name)
+               for name in ("convert", "jax", "torch", "loss_points", "loss_full")}
+  gb = 1 << 30
+  jax_r, torch_r = results["jax"], results["torch"]
+  h, w = cfg.data.image_size
+  print(f"\nTrain step, CPU ({os.cpu_count()} cores), {'small Swin' if args.small else 'Swin-T'} "
+        f"Mask2Former, {h}x{w}, batch {cfg.batch_size}, median of {args.steps} steps:")
+  print("| | s/step | peak RSS (GB) |")
+  print("|---|---|---|")
+  print(f"| m2f_jax (jit; compile {jax_r['compile_seconds']:.0f} s) | "
+        f"{jax_r['seconds_per_step']:.2f} | {jax_r['peak_rss_bytes'] / gb:.2f} |")
+  print(f"| transformers (PyTorch) | {torch_r['seconds_per_step']:.2f} | "
+        f"{torch_r['peak_rss_bytes'] / gb:.2f} |")
+  print(f"| ratio PyTorch / JAX | {torch_r['seconds_per_step'] / jax_r['seconds_per_step']:.2f} | "
+        f"{torch_r['peak_rss_bytes'] / jax_r['peak_rss_bytes']:.2f} |")
+  print("\nCriterion + gradient (compiled temp memory / process peak RSS):")
+  print("| | points per mask | temp (GB) | peak RSS (GB) |")
+  print("|---|---|---|---|")
+  for name, label in (("loss_points", "point-sampled"), ("loss_full", "full resolution")):
+    r = results[name]
+    rss = f"{r['peak_rss_bytes'] / gb:.2f}" if r["ran"] else f"not run (> {args.max_loss_gb} GB)"
+    print(f"| {label} | {r['points']} | {r['temp_bytes'] / gb:.3f} | {rss} |")
+
+
+if __name__ == "__main__":
+  main()
