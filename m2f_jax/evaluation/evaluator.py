@@ -5,7 +5,7 @@ import numpy as np
 
 from m2f_jax.evaluation.instance_ap import InstanceAP
 from m2f_jax.evaluation.miou import ConfusionMatrix
-from m2f_jax.evaluation.pq import PQStat
+from m2f_jax.evaluation.panoptic_quality import PQStat
 
 # The ground-truth keys each task needs (a data set without them does not support the task).
 REQUIRED_KEYS = {"panoptic": ("panoptic", "segments"), "instance": ("instances",),
