@@ -31,12 +31,16 @@ def load_variables(cfg: ml_collections.ConfigDict, model: Any, path: str, mesh) 
 
 
 def make_predict_fn(model: Any, mesh):
-  """jit(variables, images [B, H, W, 3]) -> final class logits [B, Q, K+1], mask logits [B, Q, h, w]."""
-  def predict(variables, images):
-    out = model.apply(variables, images, train=False)
+  """jit(variables, images [B, H, W, 3], valid_hw [B, 2]) -> final class logits [B, Q, K+1], mask logits [B, Q, h, w].
+
+  Pixels outside valid_hw are 0 after normalising, as the authors pad at test time.
+  """
+  def predict(variables, images, valid_hw):
+    out = model.apply(variables, images, train=False, valid_hw=valid_hw)
     return out["class_logits"][-1], out["mask_logits"][-1]
   data = parallel.data_sharded(mesh)
-  return jax.jit(predict, in_shardings=(parallel.replicated(mesh), data), out_shardings=(data, data))
+  return jax.jit(predict, in_shardings=(parallel.replicated(mesh), data, data),
+                 out_shardings=(data, data))
 
 
 def _local_images(array: jax.Array) -> list:
@@ -185,8 +189,8 @@ def evaluate(cfg: ml_collections.ConfigDict, model: Any, variables: dict, batche
 
 def _predict_batch(predict, variables, batch: dict, post: postprocess.PostProcessor, mesh) -> list:
   """Forward pass on the global batch, then per-image post-processing on each image's device."""
-  images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
-  class_logits, mask_logits = predict(variables, images)
+  inputs = parallel.global_batch({"image": batch["image"], "valid_hw": batch["valid_hw"]}, mesh)
+  class_logits, mask_logits = predict(variables, inputs["image"], inputs["valid_hw"])
   class_rows, mask_rows = _local_images(class_logits), _local_images(mask_logits)
   padded_hw = batch["image"].shape[1:3]
   return [post(class_rows[i], mask_rows[i], padded_hw, batch["valid_hw"][i], batch["orig_hw"][i])
@@ -200,7 +204,8 @@ def _semantic_tta(predict, variables, batch: dict, post: postprocess.PostProcess
   for scale in scales:
     for mirrored in ((False, True) if flip else (False,)):
       images, valid = augmented_images(batch["image"], batch["valid_hw"], scale, mirrored)
-      class_logits, mask_logits = predict(variables, parallel.global_batch({"image": images}, mesh)["image"])
+      inputs = parallel.global_batch({"image": images, "valid_hw": valid}, mesh)
+      class_logits, mask_logits = predict(variables, inputs["image"], inputs["valid_hw"])
       class_rows, mask_rows = _local_images(class_logits), _local_images(mask_logits)
       for i in range(len(images)):
         if not batch["is_real"][i]:
