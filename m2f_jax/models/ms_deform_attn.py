@@ -16,8 +16,8 @@ import numpy as np
 SpatialShapes = Sequence[Tuple[int, int]]
 
 
-def _check_shapes(value, spatial_shapes, sampling_locations, attention_weights):
-  """Raises ValueError when the op's inputs disagree with each other."""
+def _checked_float32(value, spatial_shapes, sampling_locations, attention_weights):
+  """The op's inputs in float32; raises ValueError when their shapes disagree with each other."""
   total = sum(h * w for h, w in spatial_shapes)
   if value.ndim != 4 or value.shape[1] != total:
     raise ValueError(f"value must be [B, S={total}, heads, D] for spatial_shapes {tuple(spatial_shapes)}, "
@@ -29,6 +29,8 @@ def _check_shapes(value, spatial_shapes, sampling_locations, attention_weights):
                      f"got {sampling_locations.shape}")
   if attention_weights.shape != sampling_locations.shape[:-1]:
     raise ValueError(f"attention_weights must be {sampling_locations.shape[:-1]}, got {attention_weights.shape}")
+  return (value.astype(jnp.float32), sampling_locations.astype(jnp.float32),
+          attention_weights.astype(jnp.float32))
 
 
 def _bilinear_corners(locations: jnp.ndarray, height: int, width: int):
@@ -73,10 +75,8 @@ def ms_deform_sample_reference(value: jnp.ndarray, spatial_shapes: SpatialShapes
   Returns:
     float32 [B, Lq, M * D].
   """
-  _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
-  value = value.astype(jnp.float32)
-  sampling_locations = sampling_locations.astype(jnp.float32)
-  attention_weights = attention_weights.astype(jnp.float32)
+  value, sampling_locations, attention_weights = _checked_float32(
+      value, spatial_shapes, sampling_locations, attention_weights)
   b, _, heads, dim = value.shape
   lq = sampling_locations.shape[1]
   out = jnp.zeros((b, heads, lq, dim), jnp.float32)
@@ -106,10 +106,8 @@ def ms_deform_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes,
   Returns:
     float32 [B, Lq, M * D].
   """
-  _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
-  value = value.astype(jnp.float32)
-  sampling_locations = sampling_locations.astype(jnp.float32)
-  attention_weights = attention_weights.astype(jnp.float32)
+  value, sampling_locations, attention_weights = _checked_float32(
+      value, spatial_shapes, sampling_locations, attention_weights)
   b, total, heads, dim = value.shape
   lq = sampling_locations.shape[1]
   indices, weights = [], []
