@@ -28,20 +28,6 @@ def _image_number(file_name: str, fallback: int) -> int:
   return int(digits[-1]) if digits else fallback
 
 
-def semantic_segments(label: np.ndarray, where: str) -> tuple[np.ndarray, list[dict]]:
-  """Semantic map [H, W] of class ids (255 = ignore) -> index map, one segment per class."""
-  index_map = np.zeros(label.shape, np.uint16)
-  segments = []
-  for cls in np.unique(label):
-    if cls == 255:
-      continue
-    mask = label == cls
-    segments.append(dict(id=int(cls) + 1, category_id=int(cls), area=float(mask.sum()),
-                         bbox=example_format.mask_bbox(mask)))
-    index_map[mask] = len(segments)
-  return index_map, segments
-
-
 def generate_semantic(image_dir: str, label_dir: str, skip_empty: bool):
   """Yields examples of one ADE20K semantic split."""
   files = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
@@ -60,7 +46,7 @@ def generate_semantic(image_dir: str, label_dir: str, skip_empty: bool):
     image_bytes, size = example_format.read_image_bytes(image_path)
     if size != label.shape:
       raise ValueError(f"{label_path} is {label.shape}, its image {image_path} is {size}")
-    index_map, segments = semantic_segments(label, label_path)
+    index_map, segments = example_format.semantic_segments(label)
     if not segments and skip_empty:
       skipped.add()
       continue

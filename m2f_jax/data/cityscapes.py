@@ -57,17 +57,7 @@ def instance_segments(instance_ids: np.ndarray, task: str, where: str):
 
 def semantic_segments(label_ids: np.ndarray):
   """labelIds [H, W] -> (index map, one segment per train id present)."""
-  semantic = train_ids(label_ids)
-  index_map = np.zeros(semantic.shape, np.uint16)
-  segments = []
-  for cls in np.unique(semantic):
-    if cls == 255:
-      continue
-    mask = semantic == cls
-    segments.append(dict(id=int(cls) + 1, category_id=int(cls), area=float(mask.sum()),
-                         bbox=example_format.mask_bbox(mask)))
-    index_map[mask] = len(segments)
-  return index_map, segments
+  return example_format.semantic_segments(train_ids(label_ids))
 
 
 def generate(image_root: str, gt_root: str, task: str, skip_empty: bool):

@@ -76,6 +76,20 @@ def mask_bbox(mask: np.ndarray) -> list[float]:
           float(ys.max() - ys.min() + 1)]
 
 
+def semantic_segments(label: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+  """Semantic map [H, W] of class ids (255 = ignore) -> (index map uint16 [H, W], one segment per class)."""
+  index_map = np.zeros(label.shape, np.uint16)
+  segments = []
+  for cls in np.unique(label):
+    if cls == 255:
+      continue
+    mask = label == cls
+    segments.append(dict(id=int(cls) + 1, category_id=int(cls), area=float(mask.sum()),
+                         bbox=mask_bbox(mask)))
+    index_map[mask] = len(segments)
+  return index_map, segments
+
+
 def index_map_from_ids(id_map: np.ndarray, segment_ids, where: str) -> np.ndarray:
   """Segment-id map [H, W] -> index map [H, W] uint16 (i + 1 for segment_ids[i], 0 for id 0).
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from m2f_jax.models.backbone import build_backbone
-from m2f_jax.models.pixel_decoder import PixelDecoder
+from m2f_jax.models.pixel_decoder import PixelDecoder, check_widths
 from m2f_jax.models.transformer_decoder import MaskedAttentionDecoder
 
 SIZE_DIVISOR = 32  # the backbone's coarsest stride
@@ -94,12 +94,7 @@ def validate_model_config(model_cfg: ml_collections.ConfigDict) -> None:
   pix = model_cfg.pixel_decoder
   _positive_ints(pix, "model.pixel_decoder",
                  ("conv_dim", "mask_dim", "num_layers", "num_heads", "num_points", "ffn_dim", "num_groups"))
-  if pix.conv_dim % pix.num_groups:
-    raise ValueError(f"model.pixel_decoder.conv_dim={pix.conv_dim} must be divisible by "
-                     f"num_groups={pix.num_groups}")
-  if pix.conv_dim % pix.num_heads or pix.conv_dim % 2:
-    raise ValueError(f"model.pixel_decoder.conv_dim={pix.conv_dim} must be even and divisible by "
-                     f"num_heads={pix.num_heads}")
+  check_widths(pix.conv_dim, pix.num_heads, pix.num_groups, name="model.pixel_decoder.conv_dim")
 
   dec = model_cfg.decoder
   _positive_ints(dec, "model.decoder", ("num_queries", "hidden_dim", "num_heads", "ffn_dim"))

@@ -78,6 +78,14 @@ class EncoderLayer(nn.Module):
     return _layer_norm("norm2")(src + hidden)
 
 
+def check_widths(conv_dim: int, num_heads: int, num_groups: int, name: str = "pixel decoder conv_dim") -> None:
+  """Raises ValueError unless conv_dim splits into GroupNorm groups and attention heads (and sine halves)."""
+  if conv_dim % num_groups:
+    raise ValueError(f"{name}={conv_dim} must be divisible by num_groups={num_groups}")
+  if conv_dim % num_heads or conv_dim % 2:
+    raise ValueError(f"{name}={conv_dim} must be even and divisible by num_heads={num_heads}")
+
+
 class PixelDecoder(nn.Module):
   """MSDeformAttn pixel decoder.
 
@@ -152,12 +160,7 @@ class PixelDecoder(nn.Module):
 
   def _check(self, features: Dict[str, jnp.ndarray]) -> None:
     """Raises ValueError on missing or ill-shaped backbone features or a bad width."""
-    if self.conv_dim % self.num_groups:
-      raise ValueError(f"pixel decoder conv_dim ({self.conv_dim}) must be divisible by num_groups "
-                       f"({self.num_groups})")
-    if self.conv_dim % self.num_heads or self.conv_dim % 2:
-      raise ValueError(f"pixel decoder conv_dim ({self.conv_dim}) must be even and divisible by num_heads "
-                       f"({self.num_heads})")
+    check_widths(self.conv_dim, self.num_heads, self.num_groups)
     missing = [k for k in (FPN_FEATURE,) + ENCODER_FEATURES if k not in features]
     if missing:
       raise ValueError(f"pixel decoder needs backbone features {missing}; got keys {sorted(features)}")
