@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from m2f_jax.convert.hf import TRANSFORMER_PREFIX, CLASS_PREFIX, config_from_hf, convert_hf_transformer_decoder
-from m2f_jax.models.transformer_decoder import MaskedAttentionDecoder, bilinear_resize_matrix, resize_bilinear
+from m2f_jax.models.bilinear import interpolation_matrix, resize_bilinear
+from m2f_jax.models.transformer_decoder import MaskedAttentionDecoder
 from torch_reference import hf_config, random_model, state_dict_numpy
 
 BATCH = 2
@@ -132,7 +133,7 @@ def test_resize_matches_torch(in_size, out_size):
   expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=(out_size, out_size + 2),
                                              mode="bilinear", align_corners=False).numpy()
   np.testing.assert_allclose(np.asarray(resize_bilinear(x, (out_size, out_size + 2))), expected, atol=1e-5)
-  assert bilinear_resize_matrix(in_size, out_size).sum(1) == pytest.approx(1.0)
+  assert interpolation_matrix(in_size, out_size).sum(1) == pytest.approx(1.0)
 
 
 def test_gradients_are_finite_when_a_query_is_fully_blocked(case):

@@ -10,8 +10,8 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from m2f_jax.models.bilinear import resize_bilinear
 from m2f_jax.models.position import sine_position_embedding
 
 NUM_LEVELS = 3
@@ -36,31 +36,6 @@ def torch_linear(features: int, fan_in: int, dtype: Any, name: str,
   """A Dense initialised like PyTorch's nn.Linear (kernel_init overridable, bias default)."""
   return nn.Dense(features, dtype=dtype, kernel_init=kernel_init,
                   bias_init=torch_linear_bias_init(fan_in), name=name)
-
-
-def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """Interpolation weights [out_size, in_size] of PyTorch's bilinear, align_corners=False.
-
-  No antialiasing: each output sample blends the two nearest input pixel centres, with the
-  source coordinate clamped at 0 as PyTorch does.
-  """
-  scale = in_size / out_size
-  src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  hi = np.minimum(lo + 1, in_size - 1)
-  frac = src - lo
-  weights = np.zeros((out_size, in_size), np.float64)
-  np.add.at(weights, (np.arange(out_size), lo), 1.0 - frac)
-  np.add.at(weights, (np.arange(out_size), hi), frac)
-  return weights.astype(np.float32)
-
-
-def resize_bilinear(x: jnp.ndarray, out_hw: Tuple[int, int]) -> jnp.ndarray:
-  """Resizes the last two axes of x [..., H, W] to out_hw like PyTorch (align_corners=False)."""
-  rows = jnp.asarray(bilinear_resize_matrix(x.shape[-2], out_hw[0]))
-  cols = jnp.asarray(bilinear_resize_matrix(x.shape[-1], out_hw[1]))
-  return jnp.einsum("...hw,yh,xw->...yx", x.astype(jnp.float32), rows, cols,
-                    precision=jax.lax.Precision.HIGHEST)
 
 
 class MultiHeadAttention(nn.Module):
