@@ -20,7 +20,7 @@ LABELS = np.array([[3, -1, 0, 4, -1, 2], [1, 1, -1, -1, 4, -1]], np.int32)  # [B
 def _loss_cfg(**overrides) -> ml_collections.ConfigDict:
   cfg = dict(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
              num_points=NUM_POINTS, oversample_ratio=3.0, importance_sample_ratio=0.75,
-             matcher="hungarian")
+             matcher="hungarian", slots_per_pass=4)  # M = 6: the last pass reaches past M
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
 
@@ -68,12 +68,12 @@ def test_point_sampling_equals_grid_sample():
   dense = np.stack([(segment_ids == m + 1).any(0) for m in range(3)]).astype(np.float32)
   expected = torch.nn.functional.grid_sample(
       torch.from_numpy(dense)[:, None], grid, align_corners=False)[:, 0, :, 0].numpy()
-  np.testing.assert_allclose(point_sampling.sample_targets(segment_ids, points, 3), expected,
+  np.testing.assert_allclose(point_sampling.sample_targets(segment_ids, points, np.arange(3)), expected,
                              atol=1e-6)
   shared_grid = torch.from_numpy(np.repeat(2.0 * points[:1, :, None] - 1.0, 3, axis=0))
   expected_shared = torch.nn.functional.grid_sample(
       torch.from_numpy(dense)[:, None], shared_grid, align_corners=False)[:, 0, :, 0].numpy()
-  np.testing.assert_allclose(point_sampling.sample_targets(segment_ids, points[0], 3),
+  np.testing.assert_allclose(point_sampling.sample_targets(segment_ids, points[0], np.arange(3)),
                              expected_shared, atol=1e-6)
 
 
@@ -216,6 +216,24 @@ def test_gradient_is_finite_and_equals_torch(parity_case):
   np.testing.assert_allclose(grad_mask, torch_mask, rtol=1e-4, atol=1e-7)
 
 
+def test_slot_passes_only_split_the_work(parity_case):
+  """Other pass sizes (one slot; all M slots at once) give the same losses and gradients."""
+  rng = np.random.default_rng(0)  # parity_case's draws, in its order
+  class_logits = rng.normal(size=(NUM_LAYERS, BATCH, QUERIES, CLASSES + 1)).astype(np.float32)
+  mask_logits = (3.0 * rng.normal(size=(NUM_LAYERS, BATCH, QUERIES, HEIGHT // 4, WIDTH // 4))
+                 ).astype(np.float32)
+  batch = {"labels": LABELS, "segment_ids": _segment_ids(rng, LABELS)}
+  points = _points(rng, LABELS.shape[1])
+  for per_pass in (1, LABELS.shape[1]):
+    objective = lambda logits, p=per_pass: criterion.mask2former_loss(
+        {"class_logits": logits[0], "mask_logits": logits[1]}, batch, jax.random.key(0),
+        _loss_cfg(slots_per_pass=p), CLASSES, points=points)[0]
+    total, grads = jax.jit(jax.value_and_grad(objective))((class_logits, mask_logits))
+    np.testing.assert_allclose(float(total), float(parity_case["total"]), rtol=1e-6)
+    for grad, expected in zip(grads, parity_case["grads"]):
+      np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-8)
+
+
 def test_no_targets_is_finite_and_compiles_once(parity_case, loss_and_grad):
   step, traces = loss_and_grad
   rng = np.random.default_rng(1)
@@ -235,17 +253,16 @@ def test_no_targets_is_finite_and_compiles_once(parity_case, loss_and_grad):
 
 
 def test_drawn_points_bfloat16_and_scipy_matcher():
-  """Drawn points: bfloat16 in, float32 out; solvers and layer passes agree; the key matters."""
+  """Drawn points: bfloat16 in, float32 out; both solvers agree; the key matters."""
   rng = np.random.default_rng(2)
   layers, queries, num_points = 2, 5, 16
   outputs = {"class_logits": rng.normal(size=(layers, BATCH, queries, CLASSES + 1)),
              "mask_logits": rng.normal(size=(layers, BATCH, queries, HEIGHT // 4, WIDTH // 4))}
   outputs = {k: jnp.asarray(v, jnp.bfloat16) for k, v in outputs.items()}
   batch = {"labels": LABELS[:, :4], "segment_ids": _segment_ids(rng, LABELS[:, :4])}
-  # The scipy variant also runs the predictions one at a time (lax.map instead of vmap).
-  losses = {matcher: jax.jit(lambda o, b, r, m=matcher, n=per_pass: criterion.mask2former_loss(
-      o, b, r, _loss_cfg(num_points=num_points, matcher=m, layers_per_pass=n), CLASSES))
-            for matcher, per_pass in (("hungarian", 0), ("scipy", 1))}
+  losses = {matcher: jax.jit(lambda o, b, r, m=matcher: criterion.mask2former_loss(
+      o, b, r, _loss_cfg(num_points=num_points, matcher=m), CLASSES))
+            for matcher in ("hungarian", "scipy")}
 
   total, terms = losses["hungarian"](outputs, batch, jax.random.key(0))
   assert total.dtype == jnp.float32 and np.isfinite(float(total))
@@ -264,10 +281,26 @@ def test_bad_settings_are_rejected():
     criterion.mask2former_loss(outputs, batch, key, _loss_cfg(), CLASSES + 1)
   with pytest.raises(ValueError, match="loss.matcher"):
     criterion.mask2former_loss(outputs, batch, key, _loss_cfg(matcher="greedy"), CLASSES)
-  with pytest.raises(ValueError, match="layers_per_pass"):
-    criterion.mask2former_loss(outputs, batch, key, _loss_cfg(layers_per_pass=-1), CLASSES)
+  with pytest.raises(ValueError, match="slots_per_pass"):
+    criterion.mask2former_loss(outputs, batch, key, _loss_cfg(slots_per_pass=0), CLASSES)
   with pytest.raises(ValueError, match="importance_sample_ratio"):
     criterion.mask2former_loss(outputs, batch, key, _loss_cfg(importance_sample_ratio=1.5), CLASSES)
   with pytest.raises(ValueError, match="segment_ids"):
     criterion.mask2former_loss(outputs, {**batch, "segment_ids": np.zeros((1, 16, 16), np.int32)},
                                key, _loss_cfg(), CLASSES)
+
+
+def test_smallest_k_marks_what_top_k_picks():
+  """The bisection selection equals lax.top_k(-values) as a set, ties to the lower index."""
+  rng = np.random.default_rng(4)
+  values = np.abs(rng.normal(size=(6, 300))).astype(np.float32)
+  values[1] = np.round(values[1], 1)  # many ties at the k-th value
+  values[2] = 0.0  # all tied
+  values[3, :50] = np.inf
+  for k in (1, 75, 299, 300):
+    marked = np.asarray(point_sampling.smallest_k(jnp.asarray(values), k))
+    _, expected = jax.lax.top_k(-jnp.asarray(values), k)
+    assert np.all(marked.sum(-1) == k)
+    for row in range(values.shape[0]):
+      np.testing.assert_array_equal(np.flatnonzero(marked[row]), np.sort(np.asarray(expected[row])),
+                                    err_msg=f"k={k}, row {row}")

@@ -86,10 +86,12 @@ def single(tmp_path_factory):
 def _compare(results, a, b, rtol, atol):
   """Loss, params and BN statistics of run `a` vs run `b`.
 
-  Parameter atol is a small fraction of one Adam step (~lr): parameters whose true gradient is
-  zero (e.g. attention key biases) move by rounding noise that Adam normalises.
+  Parameter atol is a small fraction of one Adam step (~lr). Attention key biases are left out:
+  softmax ignores a shift shared by all keys, so their true gradient is zero and they move only
+  by rounding noise, which Adam scales up to a sizeable fraction of lr.
   """
-  names = sorted(k[len(a):] for k in results if k.startswith(a) and not k.endswith("devices"))
+  names = sorted(k[len(a):] for k in results if k.startswith(a) and not k.endswith("devices")
+                 and not k.endswith("/key/bias"))
   assert any("stats" in n for n in names) and any("params" in n for n in names)
   for n in names:
     np.testing.assert_allclose(results[a + n], results[b + n], rtol=rtol, atol=atol, err_msg=n)

@@ -1,14 +1,16 @@
 """The Mask2Former training loss: matching, then class, point-sampled BCE and dice terms.
 
-For each of the L predictions separately (vmapped over the layer axis): Hungarian matching on
-uniform points, a class-weighted cross-entropy over all queries of the batch, and BCE + dice on
-the matched pairs at uncertainty-sampled points, summed and divided by the number of real targets
-of the (global) batch. Terms `loss_ce_{l}`, `loss_mask_{l}`, `loss_dice_{l}` (l = L - 1 is the
-final prediction) come weighted; the total is their sum. Everything is float32.
+For each of the L predictions: Hungarian matching on uniform points, a class-weighted
+cross-entropy over all queries of the batch, and BCE + dice on the matched pairs at
+uncertainty-sampled points, summed and divided by the number of real targets of the (global)
+batch. Terms `loss_ce_{l}`, `loss_mask_{l}`, `loss_dice_{l}` (l = L - 1 is the final prediction)
+come weighted; the total is their sum. Everything is float32.
 
-Memory: the matching of all L x B images runs at once (small); the point candidates and the point
-losses run for `loss.layers_per_pass` predictions at a time (0 = all L, one vmap), and the
-backward pass recomputes the bilinear corners from the kept points instead of storing them.
+Cost: the matching of all L x B images runs at once (small). The mask losses run over the target
+slots `loss.slots_per_pass` at a time, for all predictions and images together; a pass whose
+slots hold no matched target is skipped at run time, so their cost follows the real targets of
+the batch rather than `data.max_targets`. The backward pass keeps each pass's points and
+recomputes the rest, so no other per-point array outlives its pass.
 """
 import functools
 from typing import Dict, Mapping, Optional, Tuple
@@ -19,24 +21,12 @@ import ml_collections
 
 from m2f_jax.losses import matcher
 from m2f_jax.losses import point_sampling
+from m2f_jax.losses import slot_passes
 
 # Injected sampling points (tests, reproductions): 'matcher' [L, B, P, 2] uniform points of the
 # matching cost; 'oversampled' [L, B, M, P_over, 2] candidates and 'fresh' [L, B, M, P_fresh, 2]
 # uniform points of each target slot's mask loss. Without them, points are drawn from `rng`.
 Points = Mapping[str, jax.Array]
-
-
-def draw_points(rng: jax.Array, batch_size: int, num_slots: int,
-                loss_cfg: ml_collections.ConfigDict) -> Dict[str, jax.Array]:
-  """Uniform points of one prediction: 'matcher' [B, P, 2], 'oversampled', 'fresh' [B, M, *, 2]."""
-  num_oversampled, _, num_fresh = point_sampling.num_points_split(
-      loss_cfg.num_points, loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
-  key_match, key_over, key_fresh = jax.random.split(rng, 3)
-  return {
-      "matcher": jax.random.uniform(key_match, (batch_size, loss_cfg.num_points, 2)),
-      "oversampled": jax.random.uniform(key_over, (batch_size, num_slots, num_oversampled, 2)),
-      "fresh": jax.random.uniform(key_fresh, (batch_size, num_slots, num_fresh, 2)),
-  }
 
 
 def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: jax.Array,
@@ -66,71 +56,96 @@ def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: ja
   return jnp.sum(weight * nll) / jnp.sum(weight)
 
 
-def _select_pair_points(mask_logits: jax.Array, query_for_target: jax.Array, points: Points,
-                        num_uncertain: int) -> jax.Array:
-  """Each target slot's loss points: its most uncertain candidates plus fresh uniform points.
+def _pair_losses(mask_logits: jax.Array, segment_ids: jax.Array, slots: jax.Array,
+                 rows: jax.Array, points: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """BCE and dice of (query, target slot) pairs of one image at their points.
 
   Args:
-    mask_logits: [B, Q, h, w] (no gradient flows).
-    query_for_target: int [B, M].
-    points: 'oversampled' [B, M, P_over, 2] and 'fresh' [B, M, P_fresh, 2].
-    num_uncertain: most uncertain candidates kept per pair.
+    mask_logits: [Q, h, w].
+    segment_ids: int [S, H, W].
+    slots: int [N] target slot of each pair.
+    rows: int [N] query of each pair.
+    points: [N, P, 2] normalised (x, y).
 
   Returns:
-    float32 [B, M, P, 2].
+    (bce, dice) float32 [N].
   """
-  select = functools.partial(point_sampling.importance_points, num_uncertain=num_uncertain)
-  return jax.vmap(select)(jax.lax.stop_gradient(mask_logits), query_for_target,
-                          points["oversampled"], points["fresh"])
-
-
-def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
-                 matched: jax.Array, pair_points: jax.Array,
-                 num_masks: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """BCE and dice of the matched pairs at their points, each summed / num_masks.
-
-  Args:
-    mask_logits: [B, Q, h, w].
-    segment_ids: int [B, S, H, W].
-    query_for_target: int [B, M].
-    matched: bool [B, M].
-    pair_points: [B, M, P, 2].
-    num_masks: float32 [] normaliser.
-
-  Returns:
-    (bce, dice) float32 [].
-  """
-  num_slots = query_for_target.shape[1]
-  # Rematerialised: the backward pass keeps the points, not the [B, M, P, 4] corners.
-  sample = jax.checkpoint(jax.vmap(point_sampling.point_sample_rows))
-  logits = sample(mask_logits, query_for_target, pair_points)  # [B, M, P]
-  target = jax.vmap(lambda segments, pts: point_sampling.sample_targets(
-      segments, pts, num_slots))(segment_ids, pair_points)  # [B, M, P]
+  logits = point_sampling.point_sample_rows(mask_logits, rows, points)  # [N, P]
+  target = point_sampling.sample_targets(segment_ids, points, slots)  # [N, P]
   bce = jnp.mean(jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits))),
                  axis=-1)
   probs = jax.nn.sigmoid(logits)
   numerator = 2.0 * jnp.sum(probs * target, axis=-1)
   denominator = jnp.sum(probs, axis=-1) + jnp.sum(target, axis=-1)
-  dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
-  return (jnp.sum(jnp.where(matched, bce, 0.0)) / num_masks,
-          jnp.sum(jnp.where(matched, dice, 0.0)) / num_masks)
+  return bce, 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 
-def _match_batch(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,
-                 segment_ids: jax.Array, points: jax.Array, loss_cfg: ml_collections.ConfigDict
-                 ) -> Tuple[jax.Array, jax.Array]:
-  """Matching of one prediction for every image: [B, Q, ...] inputs -> [B, M] int32 and bool."""
-  def one_image(cls, masks, image_labels, segments, image_points):
-    return matcher.match(cls, masks, image_labels, segments, image_points,
-                         class_weight=loss_cfg.class_weight, mask_weight=loss_cfg.mask_weight,
-                         dice_weight=loss_cfg.dice_weight, solver=loss_cfg.matcher)
-  return jax.vmap(one_image)(class_logits, mask_logits, labels, segment_ids, points)
+def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
+                 matched: jax.Array, rng: jax.Array, candidates: Optional[Points],
+                 loss_cfg: ml_collections.ConfigDict) -> Tuple[jax.Array, jax.Array]:
+  """Sums of BCE and dice over the matched pairs of every prediction, slot pass by slot pass.
+
+  Args:
+    mask_logits: [L, B, Q, h, w].
+    segment_ids: int [B, S, H, W].
+    query_for_target: int [L, B, M].
+    matched: bool [L, B, M].
+    rng: key of the drawn points (unused when `candidates` is given).
+    candidates: None, or injected 'oversampled' [L, B, M, P_over, 2], 'fresh' [L, B, M, *, 2].
+    loss_cfg: cfg.loss.
+
+  Returns:
+    (bce, dice) float32 [L], summed over the matched pairs of each prediction.
+  """
+  num_layers, batch_size, num_slots = matched.shape
+  per_pass = loss_cfg.slots_per_pass
+  num_over, num_uncertain, num_fresh = point_sampling.num_points_split(
+      loss_cfg.num_points, loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
+  select = functools.partial(point_sampling.importance_points, num_uncertain=num_uncertain)
+  select = jax.vmap(jax.vmap(select))  # over L, then B
+  pair_losses = jax.vmap(jax.vmap(_pair_losses, in_axes=(0, 0, None, 0, 0)),
+                         in_axes=(0, None, None, 0, 0))
+
+  def pass_points(index: jax.Array, _) -> jax.Array:
+    """Importance-sampled points of the pass's pairs: [L, B, per_pass, P, 2]."""
+    slots, _ = slot_passes.pass_slots(index, per_pass, num_slots)
+    if candidates is None:
+      key_over, key_fresh = jax.random.split(jax.random.fold_in(rng, index))
+      shape = (num_layers, batch_size, per_pass)
+      oversampled = jax.random.uniform(key_over, shape + (num_over, 2))
+      fresh = jax.random.uniform(key_fresh, shape + (num_fresh, 2))
+    else:
+      oversampled = jnp.take(candidates["oversampled"], slots, axis=2)
+      fresh = jnp.take(candidates["fresh"], slots, axis=2)
+    return select(jax.lax.stop_gradient(mask_logits), query_for_target[:, :, slots], oversampled,
+                  fresh)
+
+  def pass_sums(index: jax.Array, points: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """BCE and dice summed over the pass's matched pairs: float32 [L] each."""
+    slots, real = slot_passes.pass_slots(index, per_pass, num_slots)
+    bce, dice = pair_losses(mask_logits, segment_ids, slots, query_for_target[:, :, slots],
+                            points)  # [L, B, per_pass]
+    keep = matched[:, :, slots] & real  # a repeated slot M - 1 counts once
+    return (jnp.sum(jnp.where(keep, bce, 0.0), axis=(1, 2)),
+            jnp.sum(jnp.where(keep, dice, 0.0), axis=(1, 2)))
+
+  no_points = jnp.zeros((num_layers, batch_size, per_pass, loss_cfg.num_points, 2))
+  points = slot_passes.map_passes(pass_points, matched, per_pass, no_points)
+  no_sums = (jnp.zeros(num_layers), jnp.zeros(num_layers))
+  # Rematerialised: the backward pass keeps each pass's points, not its [L, B, per_pass, P] arrays.
+  sums = slot_passes.map_passes(pass_sums, matched, per_pass, no_sums,
+                                xs=jax.lax.stop_gradient(points), remat=True)
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
 
 
 def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                       matcher_points: jax.Array, loss_cfg: ml_collections.ConfigDict
                       ) -> Tuple[jax.Array, jax.Array]:
-  """The matching that `mask2former_loss` uses, for inspection.
+  """The matching of every prediction and image (no gradient).
+
+  One prediction at a time (its [B, Q, P] point samples are the largest arrays of the matching);
+  within it, the cost columns come `loss.slots_per_pass` slots at a time, skipping passes of
+  padding slots.
 
   Args:
     outputs: 'class_logits' [L, B, Q, K+1], 'mask_logits' [L, B, Q, h, w].
@@ -141,12 +156,31 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
   Returns:
     query_for_target int32 [L, B, M] and matched bool [L, B, M].
   """
+  class_logits = jax.lax.stop_gradient(jnp.asarray(outputs["class_logits"]).astype(jnp.float32))
+  mask_logits = jax.lax.stop_gradient(jnp.asarray(outputs["mask_logits"]).astype(jnp.float32))
   labels = jnp.asarray(batch["labels"]).astype(jnp.int32)
   segment_ids = jnp.asarray(batch["segment_ids"]).astype(jnp.int32)
-  return jax.vmap(lambda cls, masks, pts: _match_batch(cls, masks, labels, segment_ids, pts,
-                                                       loss_cfg))(
-      jnp.asarray(outputs["class_logits"]).astype(jnp.float32),
-      jnp.asarray(outputs["mask_logits"]).astype(jnp.float32), matcher_points)
+  batch_size, num_queries = class_logits.shape[1:3]
+  num_slots, per_pass = labels.shape[1], loss_cfg.slots_per_pass
+  costs = functools.partial(matcher.slot_costs, class_weight=loss_cfg.class_weight,
+                            mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight)
+  costs = jax.vmap(costs, in_axes=(0, 0, 0, 0, None))  # over B
+  assign = jax.vmap(functools.partial(matcher.assign, solver=loss_cfg.matcher))
+
+  def match_prediction(inputs) -> Tuple[jax.Array, jax.Array]:
+    terms = jax.vmap(matcher.query_terms)(*inputs)
+    points = inputs[2]
+
+    def pass_cost(index: jax.Array, _) -> jax.Array:
+      slots, _ = slot_passes.pass_slots(index, per_pass, num_slots)
+      return costs(terms, labels[:, slots], segment_ids, points, slots)  # [B, Q, per_pass]
+
+    no_cost = jnp.zeros((batch_size, num_queries, per_pass))
+    cost = slot_passes.map_passes(pass_cost, labels >= 0, per_pass, no_cost)  # [passes, B, Q, N]
+    cost = jnp.moveaxis(cost, 0, -2).reshape(batch_size, num_queries, -1)[..., :num_slots]
+    return assign(cost, labels >= 0)
+
+  return jax.lax.map(match_prediction, (class_logits, mask_logits, matcher_points))
 
 
 def _check_inputs(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,
@@ -170,6 +204,9 @@ def _check_inputs(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.A
                      f"{segment_ids.shape}")
   if loss_cfg.matcher not in matcher.SOLVERS:
     raise ValueError(f"loss.matcher must be one of {matcher.SOLVERS}, got {loss_cfg.matcher!r}")
+  per_pass = loss_cfg.get("slots_per_pass")
+  if not isinstance(per_pass, int) or isinstance(per_pass, bool) or per_pass < 1:
+    raise ValueError(f"loss.slots_per_pass must be an int >= 1, got {per_pass!r}")
 
 
 def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
@@ -182,7 +219,7 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
     batch: 'labels' int [B, M] (-1 = padding), 'segment_ids' int [B, S, H, W]; other keys ignored.
     rng: key for the random points (unused when `points` is given).
     loss_cfg: cfg.loss (class/mask/dice/no_object weights, num_points, oversample_ratio,
-      importance_sample_ratio, matcher).
+      importance_sample_ratio, matcher, slots_per_pass).
     num_classes: K.
     points: optional injected points with a leading L axis (see `Points`).
 
@@ -195,48 +232,25 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
   segment_ids = jnp.asarray(batch["segment_ids"]).astype(jnp.int32)
   _check_inputs(class_logits, mask_logits, labels, segment_ids, loss_cfg, num_classes)
   num_layers, batch_size = class_logits.shape[:2]
-  num_slots = labels.shape[1]
-  _, num_uncertain, _ = point_sampling.num_points_split(
-      loss_cfg.num_points, loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
-  valid = labels >= 0
   # Under jit over global arrays this is the global count: per-device losses divided by it and
   # summed over devices equal the authors' all-reduced average of per-device losses.
-  num_masks = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
-  layers_per_pass = loss_cfg.get("layers_per_pass", 0)
-  if not isinstance(layers_per_pass, int) or layers_per_pass < 0:
-    raise ValueError(f"loss.layers_per_pass must be an int >= 0 (0 = all), got {layers_per_pass!r}")
-  layer_keys = jax.random.split(rng, num_layers)
-  if points is None:  # XLA drops the candidates drawn here; each prediction draws its own below
-    matcher_points = jax.vmap(lambda key: draw_points(key, batch_size, num_slots, loss_cfg))(
-        layer_keys)["matcher"]
+  num_masks = jnp.maximum(jnp.sum(labels >= 0).astype(jnp.float32), 1.0)
+  match_key, pair_key = jax.random.split(rng)
+  if points is None:
+    matcher_points = jax.random.uniform(match_key, (num_layers, batch_size, loss_cfg.num_points, 2))
     candidates = None
   else:
     matcher_points = points["matcher"]
     candidates = {"oversampled": points["oversampled"], "fresh": points["fresh"]}
-  # The matching carries no gradient; all L x B problems are solved together.
-  query_for_target, matched = jax.vmap(
-      lambda cls, masks, pts: _match_batch(cls, masks, labels, segment_ids, pts, loss_cfg))(
-          jax.lax.stop_gradient(class_logits), jax.lax.stop_gradient(mask_logits), matcher_points)
-
-  def one_prediction(cls, masks, layer_query_for_target, layer_matched, layer_key,
-                     layer_candidates):
-    if layer_candidates is None:
-      layer_candidates = draw_points(layer_key, batch_size, num_slots, loss_cfg)
-    pair_points = _select_pair_points(masks, layer_query_for_target, layer_candidates,
-                                      num_uncertain)
-    loss_ce = _class_loss(cls, labels, layer_query_for_target, layer_matched,
-                          loss_cfg.no_object_weight)
-    loss_mask, loss_dice = _mask_losses(masks, segment_ids, layer_query_for_target, layer_matched,
-                                        pair_points, num_masks)
-    return (loss_cfg.class_weight * loss_ce, loss_cfg.mask_weight * loss_mask,
-            loss_cfg.dice_weight * loss_dice)
-
-  layer_args = (class_logits, mask_logits, query_for_target, matched, layer_keys, candidates)
-  if layers_per_pass == 0 or layers_per_pass >= num_layers:
-    loss_ce, loss_mask, loss_dice = jax.vmap(one_prediction)(*layer_args)
-  else:  # fewer predictions at once: less memory for the point candidates, more sequential work
-    loss_ce, loss_mask, loss_dice = jax.lax.map(lambda args: one_prediction(*args), layer_args,
-                                                batch_size=layers_per_pass)
+  query_for_target, matched = match_predictions(outputs, batch, matcher_points, loss_cfg)
+  loss_ce = jax.vmap(lambda cls, rows, ok: _class_loss(cls, labels, rows, ok,
+                                                       loss_cfg.no_object_weight))(
+      class_logits, query_for_target, matched)
+  bce, dice = _mask_losses(mask_logits, segment_ids, query_for_target, matched, pair_key,
+                           candidates, loss_cfg)
+  loss_ce = loss_cfg.class_weight * loss_ce
+  loss_mask = loss_cfg.mask_weight * bce / num_masks
+  loss_dice = loss_cfg.dice_weight * dice / num_masks
   terms = {}
   for layer in range(num_layers):
     terms[f"loss_ce_{layer}"] = loss_ce[layer]

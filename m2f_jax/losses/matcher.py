@@ -6,7 +6,7 @@ every query and target (the authors' memory-efficient matcher). Padded target sl
 get one constant cost, which leaves the assignment of the real targets optimal, and their
 assignment is dropped. Everything runs in float32 and carries no gradient.
 """
-from typing import Tuple
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,55 @@ SOLVERS = ("hungarian", "scipy")
 _NON_FINITE_COST = 1e6
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def query_terms(class_logits: jax.Array, mask_logits: jax.Array,
+                points: jax.Array) -> Dict[str, jax.Array]:
+  """The per-query parts of the matching cost of one image, shared by all its target slots.
+
+  Args:
+    class_logits: [Q, K+1].
+    mask_logits: [Q, h, w].
+    points: [P, 2] normalised (x, y), shared by all queries and targets.
+
+  Returns:
+    'probs' [Q, K+1] class probabilities, 'logits' [Q, P] and 'sigmoid' [Q, P] at the points,
+    'softplus_mean' [Q] and 'sigmoid_sum' [Q].
+  """
+  logits = point_sampling.point_sample(mask_logits, points)  # [Q, P]
+  sigmoid = jax.nn.sigmoid(logits)
+  return {"probs": jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1), "logits": logits,
+          "sigmoid": sigmoid, "softplus_mean": jnp.mean(jax.nn.softplus(logits), axis=-1),
+          "sigmoid_sum": jnp.sum(sigmoid, axis=-1)}
+
+
+def slot_costs(terms: Dict[str, jax.Array], labels: jax.Array, segment_ids: jax.Array,
+               points: jax.Array, slots: jax.Array, *, class_weight: float, mask_weight: float,
+               dice_weight: float) -> jax.Array:
+  """The matching cost of every query against some target slots of one image.
+
+  Args:
+    terms: `query_terms` of the image.
+    labels: int [N] class ids of the slots (-1 = padding; its column is meaningless).
+    segment_ids: int [S, H, W]; target slot m covers pixels with value m + 1 in any layer.
+    points: [P, 2], the points of `terms`.
+    slots: int [N] target slots.
+    class_weight: weight of the class cost.
+    mask_weight: weight of the BCE cost.
+    dice_weight: weight of the dice cost.
+
+  Returns:
+    float32 [Q, N].
+  """
+  cost_class = -jnp.take(terms["probs"], jnp.clip(labels, 0), axis=1)  # [Q, N]
+  target = point_sampling.sample_targets(segment_ids, points, slots)  # [N, P]
+  # mean over points of BCE(x, t) = softplus(x) - x * t
+  cost_mask = terms["softplus_mean"][:, None] - jnp.einsum(
+      "qp,np->qn", terms["logits"], target, precision=_HIGHEST) / points.shape[0]
+  numerator = 2.0 * jnp.einsum("qp,np->qn", terms["sigmoid"], target, precision=_HIGHEST)
+  denominator = terms["sigmoid_sum"][:, None] + jnp.sum(target, axis=-1)[None, :]
+  cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
+  return class_weight * cost_class + mask_weight * cost_mask + dice_weight * cost_dice
 
 
 def matching_cost(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,
@@ -43,21 +92,9 @@ def matching_cost(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.A
   Returns:
     float32 [Q, M].
   """
-  num_targets = labels.shape[0]
-  num_points = points.shape[0]
-  probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
-  cost_class = -jnp.take(probs, jnp.clip(labels, 0), axis=1)  # [Q, M]
-
-  pred = point_sampling.point_sample(mask_logits, points)  # [Q, P]
-  target = point_sampling.sample_targets(segment_ids, points, num_targets)  # [M, P]
-  # mean over points of BCE(x, t) = softplus(x) - x * t
-  cost_mask = (jnp.sum(jax.nn.softplus(pred), axis=-1)[:, None]
-               - jnp.einsum("qp,mp->qm", pred, target, precision=_HIGHEST)) / num_points
-  prob_mask = jax.nn.sigmoid(pred)
-  numerator = 2.0 * jnp.einsum("qp,mp->qm", prob_mask, target, precision=_HIGHEST)
-  denominator = jnp.sum(prob_mask, axis=-1)[:, None] + jnp.sum(target, axis=-1)[None, :]
-  cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
-  return class_weight * cost_class + mask_weight * cost_mask + dice_weight * cost_dice
+  return slot_costs(query_terms(class_logits, mask_logits, points), labels, segment_ids, points,
+                    jnp.arange(labels.shape[0]), class_weight=class_weight,
+                    mask_weight=mask_weight, dice_weight=dice_weight)
 
 
 def _finite(cost: jax.Array) -> jax.Array:
@@ -119,30 +156,3 @@ def assign(cost: jax.Array, valid: jax.Array, solver: str = "hungarian"
   if solver == "hungarian":
     return _assign_in_graph(cost, valid)
   return _assign_scipy(cost, valid)
-
-
-def match(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,
-          segment_ids: jax.Array, points: jax.Array, *, class_weight: float, mask_weight: float,
-          dice_weight: float, solver: str = "hungarian") -> Tuple[jax.Array, jax.Array]:
-  """Matches the queries of one prediction of one image to its targets.
-
-  Args:
-    class_logits: [Q, K+1].
-    mask_logits: [Q, h, w].
-    labels: int [M] (-1 = padding slot).
-    segment_ids: int [S, H, W].
-    points: [P, 2] uniform normalised (x, y) points.
-    class_weight: weight of the class cost.
-    mask_weight: weight of the BCE cost.
-    dice_weight: weight of the dice cost.
-    solver: 'hungarian' or 'scipy'.
-
-  Returns:
-    query_for_target int32 [M] and matched bool [M], as `assign`.
-  """
-  class_logits = jax.lax.stop_gradient(class_logits)
-  mask_logits = jax.lax.stop_gradient(mask_logits)
-  cost = matching_cost(class_logits, mask_logits, labels, segment_ids, points,
-                       class_weight=class_weight, mask_weight=mask_weight,
-                       dice_weight=dice_weight)
-  return assign(cost, labels >= 0, solver)
