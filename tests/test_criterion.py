@@ -56,8 +56,11 @@ def test_point_sampling_equals_grid_sample():
   grid = torch.from_numpy(2.0 * points[:, :, None] - 1.0)
   expected = torch.nn.functional.grid_sample(
       torch.from_numpy(maps)[:, None], grid, align_corners=False)[:, 0, :, 0].numpy()
-  np.testing.assert_allclose(point_sampling.point_sample(jnp.asarray(maps), points), expected,
-                             atol=1e-6)
+  shared = torch.from_numpy(np.repeat(2.0 * points[:1, :, None] - 1.0, 3, axis=0))
+  expected = torch.nn.functional.grid_sample(
+      torch.from_numpy(maps)[:, None], shared, align_corners=False)[:, 0, :, 0].numpy()
+  np.testing.assert_allclose(point_sampling.point_sample(jnp.asarray(maps), points[0]),
+                             expected.T, atol=1e-6)
   rows = np.array([2, 0, 2])
   expected_rows = torch.nn.functional.grid_sample(
       torch.from_numpy(maps[rows])[:, None], grid, align_corners=False)[:, 0, :, 0].numpy()

@@ -72,8 +72,7 @@ def _pair_losses(mask_logits: jax.Array, segment_ids: jax.Array, slots: jax.Arra
   """
   logits = point_sampling.point_sample_rows(mask_logits, rows, points)  # [N, P]
   target = point_sampling.sample_targets(segment_ids, points, slots)  # [N, P]
-  bce = jnp.mean(jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits))),
-                 axis=-1)
+  bce = jnp.mean(matcher.softplus(logits) - logits * target, axis=-1)
   probs = jax.nn.sigmoid(logits)
   numerator = 2.0 * jnp.sum(probs * target, axis=-1)
   denominator = jnp.sum(probs, axis=-1) + jnp.sum(target, axis=-1)
@@ -143,9 +142,10 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
                       ) -> Tuple[jax.Array, jax.Array]:
   """The matching of every prediction and image (no gradient).
 
-  One prediction at a time (its [B, Q, P] point samples are the largest arrays of the matching);
-  within it, the cost columns come `loss.slots_per_pass` slots at a time, skipping passes of
-  padding slots.
+  The costs come one prediction at a time (its [B, Q, P] point samples are the largest arrays of
+  the matching); within it, the cost columns come `loss.slots_per_pass` slots at a time, skipping
+  passes of padding slots. The L x B assignments then run as one batch: the solver's loop runs
+  once for all of them instead of once per prediction.
 
   Args:
     outputs: 'class_logits' [L, B, Q, K+1], 'mask_logits' [L, B, Q, h, w].
@@ -165,9 +165,9 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
   costs = functools.partial(matcher.slot_costs, class_weight=loss_cfg.class_weight,
                             mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight)
   costs = jax.vmap(costs, in_axes=(0, 0, 0, 0, None))  # over B
-  assign = jax.vmap(functools.partial(matcher.assign, solver=loss_cfg.matcher))
+  assign = jax.vmap(jax.vmap(functools.partial(matcher.assign, solver=loss_cfg.matcher)))
 
-  def match_prediction(inputs) -> Tuple[jax.Array, jax.Array]:
+  def prediction_cost(inputs) -> jax.Array:
     terms = jax.vmap(matcher.query_terms)(*inputs)
     points = inputs[2]
 
@@ -177,10 +177,10 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
 
     no_cost = jnp.zeros((batch_size, num_queries, per_pass))
     cost = slot_passes.map_passes(pass_cost, labels >= 0, per_pass, no_cost)  # [passes, B, Q, N]
-    cost = jnp.moveaxis(cost, 0, -2).reshape(batch_size, num_queries, -1)[..., :num_slots]
-    return assign(cost, labels >= 0)
+    return jnp.moveaxis(cost, 0, -2).reshape(batch_size, num_queries, -1)[..., :num_slots]
 
-  return jax.lax.map(match_prediction, (class_logits, mask_logits, matcher_points))
+  cost = jax.lax.map(prediction_cost, (class_logits, mask_logits, matcher_points))  # [L, B, Q, M]
+  return assign(cost, jnp.broadcast_to(labels >= 0, cost.shape[:2] + labels.shape[1:]))
 
 
 def _check_inputs(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,

@@ -46,24 +46,23 @@ def bilinear_corners(points: jax.Array, height: int, width: int) -> List[Corner]
 
 
 def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
-  """Samples every map at shared or per-map points.
+  """Samples every map at the same points, points major.
+
+  Each corner gathers whole rows of the maps transposed to [h * w, N]: on CPU several times
+  faster than gathering single values into [N, P] and transposing.
 
   Args:
     maps: [N, h, w] (cast to float32).
-    points: [P, 2] shared by all maps, or [N, P, 2] one set per map.
+    points: [P, 2] shared by all maps.
 
   Returns:
-    float32 [N, P].
+    float32 [P, N].
   """
   n, h, w = maps.shape
-  flat = maps.astype(jnp.float32).reshape(n, h * w)
+  table = maps.astype(jnp.float32).reshape(n, h * w).T  # [h * w, N]
   result = 0.0
   for index, weight in bilinear_corners(points, h, w):
-    if points.ndim == 2:
-      values = jnp.take(flat, index, axis=1)  # [N, P]
-    else:
-      values = jnp.take_along_axis(flat, index, axis=1)
-    result = result + values * weight
+    result = result + jnp.take(table, index, axis=0) * weight[:, None]
   return result
 
 
