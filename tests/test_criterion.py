@@ -64,7 +64,7 @@ def test_point_sampling_equals_grid_sample():
   rows = np.array([2, 0, 2])
   expected_rows = torch.nn.functional.grid_sample(
       torch.from_numpy(maps[rows])[:, None], grid, align_corners=False)[:, 0, :, 0].numpy()
-  np.testing.assert_allclose(point_sampling.point_sample_rows(jnp.asarray(maps), rows, points),
+  np.testing.assert_allclose(point_sampling.point_sample_each(jnp.asarray(maps[rows]), points),
                              expected_rows, atol=1e-6)
 
   segment_ids = rng.integers(0, 4, size=(2, 6, 9)).astype(np.int32)  # S = 2: targets overlap

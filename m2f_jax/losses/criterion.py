@@ -56,27 +56,49 @@ def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: ja
   return jnp.sum(weight * nll) / jnp.sum(weight)
 
 
-def _pair_losses(mask_logits: jax.Array, segment_ids: jax.Array, slots: jax.Array,
-                 rows: jax.Array, points: jax.Array) -> Tuple[jax.Array, jax.Array]:
+def _pair_losses(maps: jax.Array, segment_ids: jax.Array, slots: jax.Array,
+                 points: jax.Array) -> Tuple[jax.Array, jax.Array]:
   """BCE and dice of (query, target slot) pairs of one image at their points.
 
   Args:
-    mask_logits: [Q, h, w].
+    maps: [N, h, w] mask logits of each pair's query.
     segment_ids: int [S, H, W].
     slots: int [N] target slot of each pair.
-    rows: int [N] query of each pair.
     points: [N, P, 2] normalised (x, y).
 
   Returns:
     (bce, dice) float32 [N].
   """
-  logits = point_sampling.point_sample_rows(mask_logits, rows, points)  # [N, P]
+  logits = point_sampling.point_sample_each(maps, points)  # [N, P]
   target = point_sampling.sample_targets(segment_ids, points, slots)  # [N, P]
   bce = jnp.mean(matcher.softplus(logits) - logits * target, axis=-1)
   probs = jax.nn.sigmoid(logits)
   numerator = 2.0 * jnp.sum(probs * target, axis=-1)
   denominator = jnp.sum(probs, axis=-1) + jnp.sum(target, axis=-1)
   return bce, 1.0 - (numerator + 1.0) / (denominator + 1.0)
+
+
+def _maps_by_pass(mask_logits: jax.Array, query_for_target: jax.Array, per_pass: int) -> jax.Array:
+  """The matched query's mask logits of every slot, pass-major.
+
+  Each pass then differentiates its own slice, and the gradient reaches `mask_logits` in one
+  scatter-add instead of one dense [L, B, Q, h, w] accumulation per pass.
+
+  Args:
+    mask_logits: [L, B, Q, h, w].
+    query_for_target: int [L, B, M].
+    per_pass: slots per pass.
+
+  Returns:
+    [passes, L, B, per_pass, h, w]; pass p holds slots `slot_passes.pass_slots(p, ...)`.
+  """
+  num_layers, batch_size, num_slots = query_for_target.shape
+  passes = slot_passes.num_passes(num_slots, per_pass)
+  slots = jnp.minimum(jnp.arange(passes * per_pass), num_slots - 1).reshape(passes, per_pass)
+  queries = jnp.moveaxis(query_for_target[:, :, slots], 2, 0)  # [passes, L, B, per_pass]
+  layer = jnp.arange(num_layers)[None, :, None, None]
+  image = jnp.arange(batch_size)[None, None, :, None]
+  return mask_logits[layer, image, queries]
 
 
 def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
@@ -102,10 +124,11 @@ def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_targe
       loss_cfg.num_points, loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
   select = functools.partial(point_sampling.importance_points, num_uncertain=num_uncertain)
   select = jax.vmap(jax.vmap(select))  # over L, then B
-  pair_losses = jax.vmap(jax.vmap(_pair_losses, in_axes=(0, 0, None, 0, 0)),
-                         in_axes=(0, None, None, 0, 0))
+  pair_losses = jax.vmap(jax.vmap(_pair_losses, in_axes=(0, 0, None, 0)),
+                         in_axes=(0, None, None, 0))
+  maps = _maps_by_pass(mask_logits, query_for_target, per_pass)
 
-  def pass_points(index: jax.Array, _) -> jax.Array:
+  def pass_points(index: jax.Array, pass_maps: jax.Array) -> jax.Array:
     """Importance-sampled points of the pass's pairs: [L, B, per_pass, P, 2]."""
     slots, _ = slot_passes.pass_slots(index, per_pass, num_slots)
     if candidates is None:
@@ -116,24 +139,26 @@ def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_targe
     else:
       oversampled = jnp.take(candidates["oversampled"], slots, axis=2)
       fresh = jnp.take(candidates["fresh"], slots, axis=2)
-    return select(jax.lax.stop_gradient(mask_logits), query_for_target[:, :, slots], oversampled,
-                  fresh)
+    return select(pass_maps, oversampled, fresh)
 
-  def pass_sums(index: jax.Array, points: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  def pass_sums(index: jax.Array, inputs: Tuple[jax.Array, jax.Array]
+                ) -> Tuple[jax.Array, jax.Array]:
     """BCE and dice summed over the pass's matched pairs: float32 [L] each."""
+    pass_maps, points = inputs
     slots, real = slot_passes.pass_slots(index, per_pass, num_slots)
-    bce, dice = pair_losses(mask_logits, segment_ids, slots, query_for_target[:, :, slots],
-                            points)  # [L, B, per_pass]
+    bce, dice = pair_losses(pass_maps, segment_ids, slots, points)  # [L, B, per_pass]
     keep = matched[:, :, slots] & real  # a repeated slot M - 1 counts once
     return (jnp.sum(jnp.where(keep, bce, 0.0), axis=(1, 2)),
             jnp.sum(jnp.where(keep, dice, 0.0), axis=(1, 2)))
 
   no_points = jnp.zeros((num_layers, batch_size, per_pass, loss_cfg.num_points, 2))
-  points = slot_passes.map_passes(pass_points, matched, per_pass, no_points)
+  points = slot_passes.map_passes(pass_points, matched, per_pass, no_points,
+                                  xs=jax.lax.stop_gradient(maps))
   no_sums = (jnp.zeros(num_layers), jnp.zeros(num_layers))
-  # Rematerialised: the backward pass keeps each pass's points, not its [L, B, per_pass, P] arrays.
+  # Rematerialised: the backward pass keeps each pass's maps and points, not its
+  # [L, B, per_pass, P] arrays.
   sums = slot_passes.map_passes(pass_sums, matched, per_pass, no_sums,
-                                xs=jax.lax.stop_gradient(points), remat=True)
+                                xs=(maps, jax.lax.stop_gradient(points)), remat=True)
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
 
 

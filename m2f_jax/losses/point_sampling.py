@@ -66,23 +66,21 @@ def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
   return result
 
 
-def point_sample_rows(maps: jax.Array, rows: jax.Array, points: jax.Array) -> jax.Array:
-  """Samples map `rows[n]` at `points[n]` without gathering whole maps.
+def point_sample_each(maps: jax.Array, points: jax.Array) -> jax.Array:
+  """Samples map n at its own points[n].
 
   Args:
-    maps: [Q, h, w] (cast to float32).
-    rows: int [N] indices into the Q maps.
+    maps: [N, h, w] (cast to float32).
     points: [N, P, 2].
 
   Returns:
     float32 [N, P].
   """
-  q, h, w = maps.shape
-  flat = maps.astype(jnp.float32).reshape(q * h * w)
-  offset = (rows.astype(jnp.int32) * (h * w))[:, None]
+  n, h, w = maps.shape
+  flat = maps.astype(jnp.float32).reshape(n, h * w)
   result = 0.0
   for index, weight in bilinear_corners(points, h, w):
-    result = result + jnp.take(flat, index + offset, axis=0) * weight
+    result = result + jnp.take_along_axis(flat, index, axis=1) * weight
   return result
 
 
@@ -158,17 +156,16 @@ def smallest_k(values: jax.Array, k: int) -> jax.Array:
   return (keys < kth) | (ties & (jnp.cumsum(ties, axis=-1) <= room))
 
 
-def importance_points(maps: jax.Array, rows: jax.Array, oversampled: jax.Array,
-                      fresh: jax.Array, num_uncertain: int) -> jax.Array:
-  """Uncertainty-based point selection for each (map row, target) pair.
+def importance_points(maps: jax.Array, oversampled: jax.Array, fresh: jax.Array,
+                      num_uncertain: int) -> jax.Array:
+  """Uncertainty-based point selection for each predicted map.
 
   Keeps the `num_uncertain` candidates whose sampled logit is closest to 0 (uncertainty -|logit|)
   and appends the fresh uniform points. The kept candidates come in their drawn order, not by
   uncertainty: the losses on them do not depend on the order. Carries no gradient.
 
   Args:
-    maps: mask logits [Q, h, w].
-    rows: int [N] map index of each pair.
+    maps: mask logits [N, h, w], one per (query, target) pair.
     oversampled: candidate points [N, P_over, 2].
     fresh: uniform points [N, P - num_uncertain, 2].
     num_uncertain: how many candidates to keep.
@@ -180,7 +177,7 @@ def importance_points(maps: jax.Array, rows: jax.Array, oversampled: jax.Array,
     return fresh.astype(jnp.float32)
   oversampled = oversampled.astype(jnp.float32)
   maps = jax.lax.stop_gradient(maps)
-  keep = smallest_k(jnp.abs(point_sample_rows(maps, rows, oversampled)), num_uncertain)
+  keep = smallest_k(jnp.abs(point_sample_each(maps, oversampled)), num_uncertain)
   # Compact the kept candidates: the j-th kept one goes to position j; the others are dropped.
   position = jnp.where(keep, jnp.cumsum(keep, axis=-1) - 1, num_uncertain)
   pair = jnp.arange(keep.shape[0])[:, None]
