@@ -167,7 +167,7 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
                       ) -> Tuple[jax.Array, jax.Array]:
   """The matching of every prediction and image (no gradient).
 
-  The costs come one prediction at a time (its [B, Q, P] point samples are the largest arrays of
+  The costs come one prediction at a time (its [B, P, Q] point samples are the largest arrays of
   the matching); within it, the cost columns come `loss.slots_per_pass` slots at a time, skipping
   passes of padding slots. The L x B assignments then run as one batch: the solver's loop runs
   once for all of them instead of once per prediction.
