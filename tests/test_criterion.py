@@ -54,18 +54,16 @@ def test_point_sampling_equals_grid_sample():
   points = rng.uniform(size=(3, 40, 2)).astype(np.float32)
   points[0, :4] = [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.99, 0.01]]
   grid = torch.from_numpy(2.0 * points[:, :, None] - 1.0)
-  expected = torch.nn.functional.grid_sample(
-      torch.from_numpy(maps)[:, None], grid, align_corners=False)[:, 0, :, 0].numpy()
   shared = torch.from_numpy(np.repeat(2.0 * points[:1, :, None] - 1.0, 3, axis=0))
-  expected = torch.nn.functional.grid_sample(
+  expected_shared = torch.nn.functional.grid_sample(
       torch.from_numpy(maps)[:, None], shared, align_corners=False)[:, 0, :, 0].numpy()
   np.testing.assert_allclose(point_sampling.point_sample(jnp.asarray(maps), points[0]),
-                             expected.T, atol=1e-6)
+                             expected_shared.T, atol=1e-6)
   rows = np.array([2, 0, 2])
-  expected_rows = torch.nn.functional.grid_sample(
+  expected_each = torch.nn.functional.grid_sample(
       torch.from_numpy(maps[rows])[:, None], grid, align_corners=False)[:, 0, :, 0].numpy()
   np.testing.assert_allclose(point_sampling.point_sample_each(jnp.asarray(maps[rows]), points),
-                             expected_rows, atol=1e-6)
+                             expected_each, atol=1e-6)
 
   segment_ids = rng.integers(0, 4, size=(2, 6, 9)).astype(np.int32)  # S = 2: targets overlap
   dense = np.stack([(segment_ids == m + 1).any(0) for m in range(3)]).astype(np.float32)
@@ -73,9 +71,8 @@ def test_point_sampling_equals_grid_sample():
       torch.from_numpy(dense)[:, None], grid, align_corners=False)[:, 0, :, 0].numpy()
   np.testing.assert_allclose(point_sampling.sample_targets(segment_ids, points, np.arange(3)), expected,
                              atol=1e-6)
-  shared_grid = torch.from_numpy(np.repeat(2.0 * points[:1, :, None] - 1.0, 3, axis=0))
   expected_shared = torch.nn.functional.grid_sample(
-      torch.from_numpy(dense)[:, None], shared_grid, align_corners=False)[:, 0, :, 0].numpy()
+      torch.from_numpy(dense)[:, None], shared, align_corners=False)[:, 0, :, 0].numpy()
   np.testing.assert_allclose(point_sampling.sample_targets(segment_ids, points[0], np.arange(3)),
                              expected_shared, atol=1e-6)
 
