@@ -78,7 +78,7 @@ def torch_model(cfg):
   return transformers.Mask2FormerForUniversalSegmentation(config).train()
 
 
-def _median_step_seconds(run_step, warmup: int, steps: int) -> float:
+def median_seconds(run_step, warmup: int, steps: int) -> float:
   for _ in range(warmup):
     run_step()
   times = []
@@ -112,7 +112,7 @@ def bench_torch(cfg, warmup: int, steps: int) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  return {"seconds_per_step": _median_step_seconds(run_step, warmup, steps)}
+  return {"seconds_per_step": median_seconds(run_step, warmup, steps)}
 
 
 def convert_weights(cfg, directory: str) -> dict:
@@ -151,7 +151,7 @@ def bench_jax(cfg, variables_dir: str, warmup: int, steps: int) -> dict:
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
 
-  return {"seconds_per_step": _median_step_seconds(run_step, warmup, steps),
+  return {"seconds_per_step": median_seconds(run_step, warmup, steps),
           "compile_seconds": compile_seconds}
 
 
@@ -193,10 +193,9 @@ def _child(args) -> None:
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def _run_child(args, which: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--steps", str(args.steps),
-         "--warmup", str(args.warmup), "--variables_dir", args.variables_dir,
-         "--max_loss_gb", str(args.max_loss_gb), "--max_targets", str(args.max_targets)] + (["--small"] if args.small else [])
+def run_child(script: str, which: str, child_args: list) -> dict:
+  """Runs `script --child which *child_args` on the CPU in a subprocess; returns its RESULT dict."""
+  cmd = [sys.executable, os.path.abspath(script), "--child", which] + child_args
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -226,7 +225,10 @@ def main() -> None:
   cfg = make_config(args.small, args.max_targets)
   with tempfile.TemporaryDirectory() as tmp:
     args.variables_dir = os.path.join(tmp, "variables")
-    results = {name: _run_child(args, name)
+    child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup),
+                  "--variables_dir", args.variables_dir, "--max_loss_gb", str(args.max_loss_gb),
+                  "--max_targets", str(args.max_targets)] + (["--small"] if args.small else [])
+    results = {name: run_child(__file__, name, child_args)
                for name in ("convert", "jax", "torch", "loss_points", "loss_full")}
   gb = 1 << 30
   jax_r, torch_r = results["jax"], results["torch"]
