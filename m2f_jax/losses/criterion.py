@@ -9,8 +9,8 @@ come weighted; the total is their sum. Everything is float32.
 Cost: the matching of all L x B images runs at once (small). The mask losses run over the target
 slots `loss.slots_per_pass` at a time, for all predictions and images together; a pass whose
 slots hold no matched target is skipped at run time, so their cost follows the real targets of
-the batch rather than `data.max_targets`. The backward pass keeps each pass's points and
-recomputes the rest, so no other per-point array outlives its pass.
+the batch rather than `data.max_targets`. The backward pass keeps each pass's maps and points
+and recomputes the rest, so no other per-point array outlives its pass.
 """
 import functools
 from typing import Dict, Mapping, Optional, Tuple
@@ -93,8 +93,8 @@ def _maps_by_pass(mask_logits: jax.Array, query_for_target: jax.Array, per_pass:
     [passes, L, B, per_pass, h, w]; pass p holds slots `slot_passes.pass_slots(p, ...)`.
   """
   num_layers, batch_size, num_slots = query_for_target.shape
-  passes = slot_passes.num_passes(num_slots, per_pass)
-  slots = jnp.minimum(jnp.arange(passes * per_pass), num_slots - 1).reshape(passes, per_pass)
+  passes = jnp.arange(slot_passes.num_passes(num_slots, per_pass))[:, None]
+  slots, _ = slot_passes.pass_slots(passes, per_pass, num_slots)  # [passes, per_pass]
   queries = jnp.moveaxis(query_for_target[:, :, slots], 2, 0)  # [passes, L, B, per_pass]
   layer = jnp.arange(num_layers)[None, :, None, None]
   image = jnp.arange(batch_size)[None, None, :, None]

@@ -17,7 +17,8 @@ def num_passes(num_slots: int, per_pass: int) -> int:
 
 def pass_slots(index: jax.Array, per_pass: int, num_slots: int) -> Tuple[jax.Array, jax.Array]:
   """Slots of pass `index`: int32 [per_pass] clipped into [0, M), and bool [per_pass] marking the
-  ones below M (the last pass may reach past M and then repeats slot M - 1)."""
+  ones below M (the last pass may reach past M and then repeats slot M - 1). An index of shape
+  [..., 1] gives [..., per_pass] for several passes at once."""
   slots = index * per_pass + jnp.arange(per_pass, dtype=jnp.int32)
   return jnp.minimum(slots, num_slots - 1), slots < num_slots
 
