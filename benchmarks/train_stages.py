@@ -24,9 +24,7 @@ STAGES = ("backbone", "pixel_decoder", "decoder")
 
 def _images(cfg) -> np.ndarray:
   """Normalised float32 [B, H, W, 3] images of the benchmark batch."""
-  batch = train_step.make_batch(cfg)
-  mean, std = np.float32(cfg.model.pixel_mean), np.float32(cfg.model.pixel_std)
-  return (batch["image"] - mean) / std
+  return train_step.normalised(train_step.make_batch(cfg)["image"], cfg)
 
 
 def bench_jax(cfg, repeats: int) -> dict:

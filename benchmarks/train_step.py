@@ -65,6 +65,11 @@ def make_batch(cfg, num_targets: int = 5, seed: int = 0) -> dict:
           "segment_ids": segments}
 
 
+def normalised(images: np.ndarray, cfg) -> np.ndarray:
+  """uint8 [B, H, W, 3] -> float32 normalised with cfg.model's mean and std."""
+  return (images - np.float32(cfg.model.pixel_mean)) / np.float32(cfg.model.pixel_std)
+
+
 def torch_model(cfg):
   """transformers' model for `cfg` with seeded random weights, in train mode."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -94,8 +99,7 @@ def bench_torch(cfg, warmup: int, steps: int) -> dict:
   torch.set_num_threads(os.cpu_count())
   model = torch_model(cfg)
   batch = make_batch(cfg)
-  mean, std = np.float32(cfg.model.pixel_mean), np.float32(cfg.model.pixel_std)
-  pixels = torch.from_numpy(((batch["image"] - mean) / std).transpose(0, 3, 1, 2).copy())
+  pixels = torch.from_numpy(normalised(batch["image"], cfg).transpose(0, 3, 1, 2).copy())
   mask_labels, class_labels = [], []
   for labels, segments in zip(batch["labels"], batch["segment_ids"]):
     ids = np.flatnonzero(labels >= 0)
