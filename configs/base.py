@@ -69,7 +69,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
       num_points=12544, oversample_ratio=3.0, importance_sample_ratio=0.75,
-      matcher="hungarian",                     # 'hungarian' (in-graph, optax) or 'scipy' (host callback)
+      matcher="hungarian",                     # 'hungarian' (in-graph) or 'scipy' (host callback)
       slots_per_pass=8,                        # target slots per image in one mask-loss pass
   ))
 

@@ -14,6 +14,7 @@ import transformers
 from configs.base import resnet_backbone, swin_backbone
 from m2f_jax.convert.hf_backbone import convert_hf_backbone
 from m2f_jax.models.backbone import build_backbone
+from m2f_jax.models import swin
 from m2f_jax.models.resnet import BatchNorm
 import torch_reference
 
@@ -134,6 +135,18 @@ def test_swin_parity_every_stage_padded_and_shifted():
 
 
 # ------------------------------------------------------------------------------------ parameter counts
+
+def test_exact_gelu_value_and_gradient_equal_torch():
+  x = np.concatenate([np.linspace(-9.0, 9.0, 1001), [0.0, -40.0, 40.0]]).astype(np.float32)
+  value, grad_fn = jax.vjp(swin.exact_gelu, jnp.asarray(x))
+  cotangent = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+  x_torch = torch.from_numpy(x).requires_grad_()
+  torch_value = torch.nn.functional.gelu(x_torch)
+  torch_value.backward(torch.from_numpy(cotangent))
+  np.testing.assert_allclose(np.asarray(value), torch_value.detach().numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad_fn(jnp.asarray(cotangent))[0]),
+                             x_torch.grad.numpy(), rtol=1e-5, atol=1e-6)
+
 
 def test_resnet50_parameter_count_matches_authors_checkpoint():
   authors = 0

@@ -3,17 +3,16 @@
 Cost = class_weight * (-softmax probability of the target class) + mask_weight * mean sigmoid
 BCE + dice_weight * dice, the mask terms on points drawn uniformly once per image and shared by
 every query and target (the authors' memory-efficient matcher). Padded target slots (label -1)
-get one constant cost, which leaves the assignment of the real targets optimal, and their
-assignment is dropped. Everything runs in float32 and carries no gradient.
+are left out of the assignment. Everything runs in float32 and carries no gradient.
 """
 from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import scipy.optimize
 
+from m2f_jax.losses import hungarian
 from m2f_jax.losses import point_sampling
 
 SOLVERS = ("hungarian", "scipy")
@@ -109,17 +108,26 @@ def _finite(cost: jax.Array) -> jax.Array:
 
 
 def _assign_in_graph(cost: jax.Array, valid: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """optax's exact Hungarian algorithm; padded columns cost more than any real pair."""
-  num_targets = cost.shape[1]
-  real_max = jnp.max(jnp.where(valid[None, :], cost, -jnp.inf))
-  pad_cost = jnp.where(jnp.any(valid), real_max + 1.0, 0.0)
-  # Above every real cost, padded columns are only used by queries left over once every real
-  # target (or every query, when there are more targets than queries) is matched.
-  cost = jnp.where(valid[None, :], cost, pad_cost)
-  rows, cols = optax.assignment.hungarian_algorithm(cost)
-  query_for_target = jnp.zeros(num_targets, jnp.int32).at[cols].set(rows.astype(jnp.int32))
-  assigned = jnp.zeros(num_targets, bool).at[cols].set(True)
-  return query_for_target, assigned & valid
+  """Shortest augmenting paths over the real slots only (`hungarian.assign_rows`).
+
+  Targets are the rows while they are no more than the queries; otherwise (only possible when
+  M > Q) the queries are, and some targets stay unmatched, as in scipy on the real columns.
+  """
+  num_queries, num_targets = cost.shape
+
+  def targets_as_rows():
+    query_for_target = hungarian.assign_rows(cost.T, valid, jnp.ones(num_queries, bool))
+    return jnp.maximum(query_for_target, 0), valid
+
+  def queries_as_rows():
+    target_for_query = hungarian.assign_rows(cost, jnp.ones(num_queries, bool), valid)
+    query_for_target = jnp.zeros(num_targets, jnp.int32).at[target_for_query].set(
+        jnp.arange(num_queries, dtype=jnp.int32))
+    return query_for_target, jnp.zeros(num_targets, bool).at[target_for_query].set(True)
+
+  if num_targets <= num_queries:
+    return targets_as_rows()
+  return jax.lax.cond(jnp.sum(valid) <= num_queries, targets_as_rows, queries_as_rows)
 
 
 def _scipy_assign_host(cost: np.ndarray, valid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -150,7 +158,7 @@ def assign(cost: jax.Array, valid: jax.Array, solver: str = "hungarian"
   Args:
     cost: [Q, M] (non-finite entries are replaced by a large finite cost).
     valid: bool [M], False for padding slots.
-    solver: 'hungarian' (optax, in-graph) or 'scipy' (host callback).
+    solver: 'hungarian' (in-graph, `hungarian.assign_rows`) or 'scipy' (host callback).
 
   Returns:
     query_for_target int32 [M] (the query matched to each slot; 0 where unmatched) and
