@@ -15,10 +15,13 @@ NUM_LAYERS, BATCH, QUERIES, CLASSES = 10, 2, 12, 5
 HEIGHT, WIDTH, LAYERS_S = 64, 48, 2
 NUM_POINTS = 64
 LABELS = np.array([[3, -1, 0, 4, -1, 2], [1, 1, -1, -1, 4, -1]], np.int32)  # [B, M]
+# Unequal mask and dice weights: the gradient test then tells the two terms' gradients apart.
+CLASS_WEIGHT, MASK_WEIGHT, DICE_WEIGHT = 2.0, 5.0, 3.0
 
 
 def _loss_cfg(**overrides) -> ml_collections.ConfigDict:
-  cfg = dict(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
+  cfg = dict(class_weight=CLASS_WEIGHT, mask_weight=MASK_WEIGHT, dice_weight=DICE_WEIGHT,
+             no_object_weight=0.1,
              num_points=NUM_POINTS, oversample_ratio=3.0, importance_sample_ratio=0.75,
              matcher="hungarian", slots_per_pass=4)  # M = 6: the last pass reaches past M
   cfg.update(overrides)
@@ -115,7 +118,8 @@ def _torch_loss(class_logits, mask_logits, segment_ids, labels, points):
   """transformers' losses (unweighted), matchings and gradients w.r.t. both logits."""
   config = torch_reference.hf_config(
       num_labels=CLASSES, num_queries=QUERIES, train_num_points=NUM_POINTS, oversample_ratio=3.0,
-      importance_sample_ratio=0.75, class_weight=2.0, mask_weight=5.0, dice_weight=5.0,
+      importance_sample_ratio=0.75, class_weight=CLASS_WEIGHT, mask_weight=MASK_WEIGHT,
+      dice_weight=DICE_WEIGHT,
       no_object_weight=0.1)
   loss_module = hf.Mask2FormerLoss(config, weight_dict={})
   scripted = _ScriptedRand(points, labels)
@@ -140,7 +144,8 @@ def _torch_loss(class_logits, mask_logits, segment_ids, labels, points):
     patch.setattr(hf.Mask2FormerHungarianMatcher, "forward", recording_forward)
     losses = loss_module(masks[-1], cls[-1], mask_labels, class_labels, auxiliary_predictions=aux)
   assert scripted.exhausted(), "transformers drew fewer points than scripted"
-  weights = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
+  weights = {"loss_cross_entropy": CLASS_WEIGHT, "loss_mask": MASK_WEIGHT,
+             "loss_dice": DICE_WEIGHT}
   total = sum(weights[name.rsplit("_", 1)[0] if name[-1].isdigit() else name] * value
               for name, value in losses.items())
   total.backward()
@@ -199,8 +204,9 @@ def test_all_thirty_terms_equal_transformers(parity_case):
   assert len(terms) == 3 * NUM_LAYERS
   for layer in range(NUM_LAYERS):
     suffix = "" if layer == NUM_LAYERS - 1 else f"_{layer}"
-    for ours, theirs, weight in [("ce", "loss_cross_entropy", 2.0), ("mask", "loss_mask", 5.0),
-                                 ("dice", "loss_dice", 5.0)]:
+    for ours, theirs, weight in [("ce", "loss_cross_entropy", CLASS_WEIGHT),
+                                 ("mask", "loss_mask", MASK_WEIGHT),
+                                 ("dice", "loss_dice", DICE_WEIGHT)]:
       np.testing.assert_allclose(float(terms[f"loss_{ours}_{layer}"]),
                                  weight * torch_losses[theirs + suffix], rtol=1e-5,
                                  err_msg=f"loss_{ours}_{layer}")

@@ -7,10 +7,10 @@ batch. Terms `loss_ce_{l}`, `loss_mask_{l}`, `loss_dice_{l}` (l = L - 1 is the f
 come weighted; the total is their sum. Everything is float32.
 
 Cost: the matching of all L x B images runs at once (small). The mask losses run over the target
-slots `loss.slots_per_pass` at a time, for all predictions and images together; a pass whose
-slots hold no matched target is skipped at run time, so their cost follows the real targets of
-the batch rather than `data.max_targets`. The backward pass keeps each pass's maps and points
-and recomputes the rest, so no other per-point array outlives its pass.
+slots `loss.slots_per_pass` at a time, for all predictions and images together, in a loop over
+the passes that hold a matched target only, so their cost follows the real targets of the batch
+rather than `data.max_targets`. Each pass also computes its gradient with respect to the mask
+logits (a custom VJP), so no per-point array outlives its pass and nothing is recomputed.
 """
 import functools
 from typing import Dict, Mapping, Optional, Tuple
@@ -56,58 +56,99 @@ def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: ja
   return jnp.sum(weight * nll) / jnp.sum(weight)
 
 
-def _pair_losses(maps: jax.Array, segment_ids: jax.Array, slots: jax.Array,
-                 points: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """BCE and dice of (query, target slot) pairs of one image at their points.
+def _pair_terms(logits: jax.Array, target: jax.Array
+                ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """BCE and dice of (query, target) pairs at their points, and their gradients.
 
   Args:
-    maps: [N, h, w] mask logits of each pair's query.
-    segment_ids: int [S, H, W].
-    slots: int [N] target slot of each pair.
-    points: [N, P, 2] normalised (x, y).
+    logits: [N, P] mask logits at the points.
+    target: [N, P] target masks at the same points.
 
   Returns:
-    (bce, dice) float32 [N].
+    bce [N], dice [N], and d bce / d logits, d dice / d logits [N, P] (PyTorch's autograd
+    formulas: (sigmoid - target) / P, and the quotient rule through the sigmoid).
   """
-  logits = point_sampling.point_sample_each(maps, points)  # [N, P]
-  target = point_sampling.sample_targets(segment_ids, points, slots)  # [N, P]
-  bce = jnp.mean(matcher.softplus(logits) - logits * target, axis=-1)
+  num_points = logits.shape[-1]
   probs = jax.nn.sigmoid(logits)
-  numerator = 2.0 * jnp.sum(probs * target, axis=-1)
-  denominator = jnp.sum(probs, axis=-1) + jnp.sum(target, axis=-1)
-  return bce, 1.0 - (numerator + 1.0) / (denominator + 1.0)
+  bce = jnp.mean(matcher.softplus(logits) - logits * target, axis=-1)
+  numerator = 2.0 * jnp.sum(probs * target, axis=-1, keepdims=True) + 1.0
+  denominator = jnp.sum(probs, axis=-1, keepdims=True) + jnp.sum(target, axis=-1,
+                                                                  keepdims=True) + 1.0
+  dice = 1.0 - numerator / denominator
+  d_bce = (probs - target) / num_points
+  d_dice = (numerator - 2.0 * target * denominator) / (denominator * denominator)
+  return bce, dice[:, 0], d_bce, d_dice * probs * (1.0 - probs)
 
 
-def _maps_by_pass(mask_logits: jax.Array, query_for_target: jax.Array, per_pass: int) -> jax.Array:
-  """The matched query's mask logits of every slot, pass-major.
+def _mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
+                    matched: jax.Array, rng: jax.Array, candidates: Optional[Points],
+                    loss_cfg: ml_collections.ConfigDict, with_gradients: bool):
+  """BCE and dice summed over the matched pairs, pass by pass over the occupied slot passes.
 
-  Each pass then differentiates its own slice, and the gradient reaches `mask_logits` in one
-  scatter-add instead of one dense [L, B, Q, h, w] accumulation per pass.
-
-  Args:
-    mask_logits: [L, B, Q, h, w].
-    query_for_target: int [L, B, M].
-    per_pass: slots per pass.
+  Each pass gathers its pairs' maps, picks their importance-sampled points (no gradient), and
+  evaluates the losses and, if asked, their gradients, which it scatter-adds into [L, B, Q, h, w]
+  buffers. Nothing per pass outlives it, and passes without a matched slot never run.
 
   Returns:
-    [passes, L, B, per_pass, h, w]; pass p holds slots `slot_passes.pass_slots(p, ...)`.
+    (bce [L], dice [L]) and, with gradients, (d bce, d dice): each [L, B, Q, h, w] holding the
+    gradient of every layer's sum with respect to that layer's mask logits.
   """
-  num_layers, batch_size, num_slots = query_for_target.shape
-  passes = jnp.arange(slot_passes.num_passes(num_slots, per_pass))[:, None]
-  slots, _ = slot_passes.pass_slots(passes, per_pass, num_slots)  # [passes, per_pass]
-  queries = jnp.moveaxis(query_for_target[:, :, slots], 2, 0)  # [passes, L, B, per_pass]
-  layer = jnp.arange(num_layers)[None, :, None, None]
-  image = jnp.arange(batch_size)[None, None, :, None]
-  return mask_logits[layer, image, queries]
+  num_layers, batch_size, num_queries, height, width = mask_logits.shape
+  num_slots = matched.shape[-1]
+  per_pass = loss_cfg.slots_per_pass
+  num_over, num_uncertain, num_fresh = point_sampling.num_points_split(
+      loss_cfg.num_points, loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
+  pairs = num_layers * batch_size * per_pass
+  layer = jnp.arange(num_layers)[:, None, None]
+  image = jnp.arange(batch_size)[None, :, None]
+
+  def pass_points(index: jax.Array, slots: jax.Array, maps: jax.Array) -> jax.Array:
+    """Importance-sampled points of the pass's pairs: [pairs, P, 2]."""
+    if candidates is None:
+      key_over, key_fresh = jax.random.split(jax.random.fold_in(rng, index))
+      oversampled = jax.random.uniform(key_over, (pairs, num_over, 2))
+      fresh = jax.random.uniform(key_fresh, (pairs, num_fresh, 2))
+    else:
+      oversampled = jnp.take(candidates["oversampled"], slots, axis=2).reshape(pairs, -1, 2)
+      fresh = jnp.take(candidates["fresh"], slots, axis=2).reshape(pairs, -1, 2)
+    return point_sampling.importance_points(maps, oversampled, fresh, num_uncertain)
+
+  def run_pass(index: jax.Array, carry):
+    slots, real = slot_passes.pass_slots(index, per_pass, num_slots)
+    queries = query_for_target[:, :, slots]  # [L, B, per_pass]
+    maps = mask_logits[layer, image, queries].reshape(pairs, height, width)
+    points = pass_points(index, slots, maps)  # [pairs, P, 2]
+    logits, transpose = jax.vjp(lambda m: point_sampling.point_sample_each(m, points), maps)
+    target = jax.vmap(point_sampling.sample_targets, in_axes=(0, 1, None), out_axes=1)(
+        segment_ids, points.reshape(num_layers, batch_size, per_pass, -1, 2), slots)
+    bce, dice, d_bce, d_dice = _pair_terms(logits, target.reshape(pairs, -1))
+    keep = (matched[:, :, slots] & real).reshape(pairs)  # a repeated slot M - 1 counts once
+    sums = tuple(s + jnp.sum(jnp.where(keep, t, 0.0).reshape(num_layers, -1), axis=1)
+                 for s, t in zip(carry[0], (bce, dice)))
+    if not with_gradients:
+      return sums, ()
+    grads = jax.vmap(lambda g: transpose(g)[0])(jnp.stack([d_bce, d_dice]) * keep[:, None])
+    grads = grads.reshape(2, num_layers, batch_size, per_pass, height, width)
+    return sums, tuple(buffer.at[layer, image, queries].add(g)
+                       for buffer, g in zip(carry[1], grads))
+
+  zeros = jnp.zeros(num_layers, jnp.float32)
+  buffers = (jnp.zeros_like(mask_logits),) * 2 if with_gradients else ()
+  return slot_passes.fold_occupied_passes(run_pass, matched, per_pass, ((zeros, zeros), buffers))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
                  matched: jax.Array, rng: jax.Array, candidates: Optional[Points],
                  loss_cfg: ml_collections.ConfigDict) -> Tuple[jax.Array, jax.Array]:
-  """Sums of BCE and dice over the matched pairs of every prediction, slot pass by slot pass.
+  """Sums of BCE and dice over the matched pairs of every prediction.
+
+  The gradient with respect to `mask_logits` is computed in the forward pass, while each slot
+  pass's points and maps are at hand, and kept as two [L, B, Q, h, w] arrays; the backward pass
+  only weights them with the incoming cotangents. No per-pass array is stored or recomputed.
 
   Args:
-    mask_logits: [L, B, Q, h, w].
+    mask_logits: float32 [L, B, Q, h, w].
     segment_ids: int [B, S, H, W].
     query_for_target: int [L, B, M].
     matched: bool [L, B, M].
@@ -118,48 +159,24 @@ def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_targe
   Returns:
     (bce, dice) float32 [L], summed over the matched pairs of each prediction.
   """
-  num_layers, batch_size, num_slots = matched.shape
-  per_pass = loss_cfg.slots_per_pass
-  num_over, num_uncertain, num_fresh = point_sampling.num_points_split(
-      loss_cfg.num_points, loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
-  select = functools.partial(point_sampling.importance_points, num_uncertain=num_uncertain)
-  select = jax.vmap(jax.vmap(select))  # over L, then B
-  pair_losses = jax.vmap(jax.vmap(_pair_losses, in_axes=(0, 0, None, 0)),
-                         in_axes=(0, None, None, 0))
-  maps = _maps_by_pass(mask_logits, query_for_target, per_pass)
+  return _mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, rng, candidates,
+                         loss_cfg, with_gradients=False)[0]
 
-  def pass_points(index: jax.Array, pass_maps: jax.Array) -> jax.Array:
-    """Importance-sampled points of the pass's pairs: [L, B, per_pass, P, 2]."""
-    slots, _ = slot_passes.pass_slots(index, per_pass, num_slots)
-    if candidates is None:
-      key_over, key_fresh = jax.random.split(jax.random.fold_in(rng, index))
-      shape = (num_layers, batch_size, per_pass)
-      oversampled = jax.random.uniform(key_over, shape + (num_over, 2))
-      fresh = jax.random.uniform(key_fresh, shape + (num_fresh, 2))
-    else:
-      oversampled = jnp.take(candidates["oversampled"], slots, axis=2)
-      fresh = jnp.take(candidates["fresh"], slots, axis=2)
-    return select(pass_maps, oversampled, fresh)
 
-  def pass_sums(index: jax.Array, inputs: Tuple[jax.Array, jax.Array]
-                ) -> Tuple[jax.Array, jax.Array]:
-    """BCE and dice summed over the pass's matched pairs: float32 [L] each."""
-    pass_maps, points = inputs
-    slots, real = slot_passes.pass_slots(index, per_pass, num_slots)
-    bce, dice = pair_losses(pass_maps, segment_ids, slots, points)  # [L, B, per_pass]
-    keep = matched[:, :, slots] & real  # a repeated slot M - 1 counts once
-    return (jnp.sum(jnp.where(keep, bce, 0.0), axis=(1, 2)),
-            jnp.sum(jnp.where(keep, dice, 0.0), axis=(1, 2)))
+def _mask_losses_forward(mask_logits, segment_ids, query_for_target, matched, rng, candidates,
+                         loss_cfg):
+  return _mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, rng, candidates,
+                         loss_cfg, with_gradients=True)
 
-  no_points = jnp.zeros((num_layers, batch_size, per_pass, loss_cfg.num_points, 2))
-  points = slot_passes.map_passes(pass_points, matched, per_pass, no_points,
-                                  xs=jax.lax.stop_gradient(maps))
-  no_sums = (jnp.zeros(num_layers), jnp.zeros(num_layers))
-  # Rematerialised: the backward pass keeps each pass's maps and points, not its
-  # [L, B, per_pass, P] arrays.
-  sums = slot_passes.map_passes(pass_sums, matched, per_pass, no_sums,
-                                xs=(maps, jax.lax.stop_gradient(points)), remat=True)
-  return jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
+
+def _mask_losses_backward(loss_cfg, gradients, cotangents):
+  del loss_cfg
+  d_bce, d_dice = gradients
+  ct_bce, ct_dice = (c[:, None, None, None, None] for c in cotangents)
+  return (ct_bce * d_bce + ct_dice * d_dice, None, None, None, None, None)
+
+
+_mask_losses.defvjp(_mask_losses_forward, _mask_losses_backward)
 
 
 def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
@@ -196,7 +213,7 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
     terms = jax.vmap(matcher.query_terms)(*inputs)
     points = inputs[2]
 
-    def pass_cost(index: jax.Array, _) -> jax.Array:
+    def pass_cost(index: jax.Array) -> jax.Array:
       slots, _ = slot_passes.pass_slots(index, per_pass, num_slots)
       return costs(terms, labels[:, slots], segment_ids, points, slots)  # [B, Q, per_pass]
 

@@ -24,30 +24,46 @@ def pass_slots(index: jax.Array, per_pass: int, num_slots: int) -> Tuple[jax.Arr
 
 
 def map_passes(run_pass: Callable[[jax.Array, Any], Any], occupied: jax.Array, per_pass: int,
-               skipped: Any, xs: Any = None, remat: bool = False) -> Any:
-  """[run_pass(index, xs[index]) for each pass], stacked along a new leading axis.
+               skipped: Any) -> Any:
+  """[run_pass(index) for each pass], stacked along a new leading axis.
 
   Args:
-    run_pass: (index int32 [], the pass's slice of `xs`) -> pytree shaped like `skipped`.
+    run_pass: index int32 [] -> pytree shaped like `skipped`.
     occupied: bool [..., M]; a pass whose slots are all False returns `skipped` unrun.
     per_pass: slots per pass.
     skipped: the result of an unrun pass (zeros).
-    xs: optional pytree with a leading axis of num_passes(M, per_pass).
-    remat: rematerialise each pass in the backward pass (its residuals are then its inputs:
-      the index, its `xs` slice and loop-invariant values), instead of storing its
-      intermediates for every pass.
 
   Returns:
     pytree with leading axis num_passes(M, per_pass).
   """
   num_slots = occupied.shape[-1]
 
-  def one_pass(index, x):
+  def one_pass(index):
     slots, _ = pass_slots(index, per_pass, num_slots)
-    return jax.lax.cond(jnp.any(occupied[..., slots]), lambda: run_pass(index, x),
-                        lambda: skipped)
+    return jax.lax.cond(jnp.any(occupied[..., slots]), lambda: run_pass(index), lambda: skipped)
 
-  if remat:
-    one_pass = jax.checkpoint(one_pass, prevent_cse=False)
-  passes = jnp.arange(num_passes(num_slots, per_pass), dtype=jnp.int32)
-  return jax.lax.scan(lambda _, inputs: (None, one_pass(*inputs)), None, (passes, xs))[1]
+  return jax.lax.map(one_pass, jnp.arange(num_passes(num_slots, per_pass), dtype=jnp.int32))
+
+
+def fold_occupied_passes(update: Callable[[jax.Array, Any], Any], occupied: jax.Array,
+                         per_pass: int, init: Any) -> Any:
+  """`update(index, carry)` applied to `init` for each pass holding an occupied slot, in order.
+
+  A loop with as many steps as occupied passes: the passes without one cost nothing, and no
+  per-pass result is stacked. Not reverse-differentiable (a while loop); callers that need a
+  gradient compute it inside `update`.
+
+  Args:
+    update: (index int32 [], carry) -> carry of the same structure.
+    occupied: bool [..., M].
+    per_pass: slots per pass.
+    init: the initial carry.
+  """
+  num_slots = occupied.shape[-1]
+  count = num_passes(num_slots, per_pass)
+  padded = jnp.zeros(occupied.shape[:-1] + (count * per_pass,), bool)
+  padded = padded.at[..., :num_slots].set(occupied)
+  pass_occupied = jnp.any(padded.reshape(-1, count, per_pass), axis=(0, 2))  # [passes]
+  order = jnp.argsort(~pass_occupied, stable=True).astype(jnp.int32)  # occupied passes first
+  return jax.lax.fori_loop(0, jnp.sum(pass_occupied, dtype=jnp.int32),
+                           lambda k, carry: update(order[k], carry), init)
