@@ -4,6 +4,11 @@ of a training run) or `--checkpoint PATH` (a step directory or a variables direc
 writes eval_metrics.json, TensorBoard scalars (tensorboard/eval) and overlay pictures to the workdir
 (or, without --workdir, beside the checkpoint).
 """
+from m2f_jax import host_memory  # pylint: disable=g-bad-import-order
+
+host_memory.keep_freed_memory()  # before jax and TensorFlow start their threads
+# pylint: disable=wrong-import-position
+
 import json
 import math
 

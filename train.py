@@ -4,6 +4,11 @@ Resumes from the latest checkpoint in DIR; `--config.init_from=VARS_DIR` starts 
 weights instead. Multi-host: pass --coordinator_address/--num_processes/--process_id (or the
 M2F_* environment variables, see m2f_jax.parallel), or --multihost to let JAX detect the cluster.
 """
+from m2f_jax import host_memory  # pylint: disable=g-bad-import-order
+
+host_memory.keep_freed_memory()  # before jax and TensorFlow start their threads
+# pylint: disable=wrong-import-position
+
 import sys
 
 from absl import app

@@ -6,7 +6,8 @@
 The stages of `train_step.py`'s model, one at a time on the same shapes: backbone, pixel decoder,
 transformer decoder, in training mode, with 1e-6 * (sum of squares of the stage's outputs) as the
 loss; the gradient is taken w.r.t. the stage's parameters and inputs. Each framework runs in its
-own subprocess, with its own random weights (timing only). Seconds are the median of --repeats
+own subprocess, with its own random weights (timing only), both with m2f_jax.host_memory's
+malloc settings (as train.py runs). Seconds are the median of --repeats
 timed runs after a warm-up run (JAX compiled apart). Prints a markdown table with ratios.
 """
 import argparse
@@ -14,10 +15,9 @@ import json
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STAGES = ("backbone", "pixel_decoder", "decoder")
 

@@ -5,9 +5,11 @@
 
 Each measurement runs in its own subprocess so its peak resident memory (ru_maxrss) is its own:
   convert  builds the torch model (seeded) and writes its weights converted to Flax variables
-  jax    our train step (m2f_jax.training.step, one CPU device) from those variables
+  jax    our train step (m2f_jax.training.step, one CPU device) from those variables, with the
+         host malloc settings train.py applies (m2f_jax.host_memory)
   torch  Mask2FormerForUniversalSegmentation(pixel_values, mask_labels, class_labels).loss
-         .backward() + AdamW step
+         .backward() + AdamW step, as PyTorch runs by default
+  torch_keep  the same with m2f_jax.host_memory's malloc settings (PyTorch gains from them too)
   loss   the criterion alone (forward + gradient w.r.t. the predictions): point-sampled with
          cfg.loss.num_points vs as many uniform points as the image has pixels (the loss on
          full-resolution masks); XLA's compiled temp memory, and the peak RSS of running it when
@@ -23,10 +25,14 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from m2f_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# As train.py does, before any library starts threads; run_child turns it off
+# (M2F_KEEP_HOST_MEMORY=0) for the default PyTorch run.
+host_memory.keep_freed_memory()
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def make_config(small: bool, max_targets: int = 100):
@@ -187,7 +193,7 @@ def _child(args) -> None:
   cfg = make_config(args.small, args.max_targets)
   if args.child == "convert":
     result = convert_weights(cfg, args.variables_dir)
-  elif args.child == "torch":
+  elif args.child in ("torch", "torch_keep"):
     result = bench_torch(cfg, args.warmup, args.steps)
   elif args.child == "jax":
     result = bench_jax(cfg, args.variables_dir, args.warmup, args.steps)
@@ -197,10 +203,12 @@ def _child(args) -> None:
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(script: str, which: str, child_args: list) -> dict:
-  """Runs `script --child which *child_args` on the CPU in a subprocess; returns its RESULT dict."""
+def run_child(script: str, which: str, child_args: list, keep_host_memory: bool = True) -> dict:
+  """Runs `script --child which *child_args` on the CPU in a subprocess; returns its RESULT dict.
+  `keep_host_memory` False runs it with malloc's defaults instead of m2f_jax.host_memory's."""
   cmd = [sys.executable, os.path.abspath(script), "--child", which] + child_args
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env[host_memory.OPT_OUT_VARIABLE] = "1" if keep_host_memory else "0"
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
@@ -217,7 +225,8 @@ def main() -> None:
                       help="run the criterion only when its compiled temp memory is below this")
   parser.add_argument("--max_targets", type=int, default=100,
                       help="target slots per image (cfg.data.max_targets; 5 are real)")
-  parser.add_argument("--child", choices=("convert", "jax", "torch", "loss_points", "loss_full"),
+  parser.add_argument("--child", choices=("convert", "jax", "torch", "torch_keep", "loss_points",
+                                          "loss_full"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--variables_dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -232,22 +241,24 @@ def main() -> None:
     child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--variables_dir", args.variables_dir, "--max_loss_gb", str(args.max_loss_gb),
                   "--max_targets", str(args.max_targets)] + (["--small"] if args.small else [])
-    results = {name: run_child(__file__, name, child_args)
-               for name in ("convert", "jax", "torch", "loss_points", "loss_full")}
+    results = {name: run_child(__file__, name, child_args, keep_host_memory=name != "torch")
+               for name in ("convert", "jax", "torch", "torch_keep", "loss_points", "loss_full")}
   gb = 1 << 30
-  jax_r, torch_r = results["jax"], results["torch"]
+  jax_r = results["jax"]
   h, w = cfg.data.image_size
   print(f"\nTrain step, CPU ({os.cpu_count()} cores), {'small Swin' if args.small else 'Swin-T'} "
         f"Mask2Former, {h}x{w}, batch {cfg.batch_size}, {cfg.data.max_targets} target slots (5 real), "
         f"median of {args.steps} steps:")
-  print("| | s/step | peak RSS (GB) |")
-  print("|---|---|---|")
+  print("| | s/step | peak RSS (GB) | PyTorch / JAX s/step | PyTorch / JAX RSS |")
+  print("|---|---|---|---|---|")
   print(f"| m2f_jax (jit; compile {jax_r['compile_seconds']:.0f} s) | "
-        f"{jax_r['seconds_per_step']:.2f} | {jax_r['peak_rss_bytes'] / gb:.2f} |")
-  print(f"| transformers (PyTorch) | {torch_r['seconds_per_step']:.2f} | "
-        f"{torch_r['peak_rss_bytes'] / gb:.2f} |")
-  print(f"| ratio PyTorch / JAX | {torch_r['seconds_per_step'] / jax_r['seconds_per_step']:.2f} | "
-        f"{torch_r['peak_rss_bytes'] / jax_r['peak_rss_bytes']:.2f} |")
+        f"{jax_r['seconds_per_step']:.2f} | {jax_r['peak_rss_bytes'] / gb:.2f} | | |")
+  for name, label in (("torch", "transformers (PyTorch defaults)"),
+                      ("torch_keep", "transformers with m2f_jax.host_memory's malloc settings")):
+    r = results[name]
+    print(f"| {label} | {r['seconds_per_step']:.2f} | {r['peak_rss_bytes'] / gb:.2f} | "
+          f"{r['seconds_per_step'] / jax_r['seconds_per_step']:.2f} | "
+          f"{r['peak_rss_bytes'] / jax_r['peak_rss_bytes']:.2f} |")
   print("\nCriterion + gradient (compiled temp memory / process peak RSS):")
   print("| | points per mask | temp (GB) | peak RSS (GB) |")
   print("|---|---|---|---|")
