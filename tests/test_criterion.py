@@ -296,17 +296,20 @@ def test_bad_settings_are_rejected():
                                key, _loss_cfg(), CLASSES)
 
 
-def test_smallest_k_marks_what_top_k_picks():
-  """The bisection selection equals lax.top_k(-values) as a set, ties to the lower index."""
+def test_smallest_k_positions_keep_what_top_k_picks():
+  """The bisection selection equals lax.top_k(-values) as a set, ties to the lower index, and
+  numbers the kept entries 0..k-1."""
   rng = np.random.default_rng(4)
   values = np.abs(rng.normal(size=(6, 300))).astype(np.float32)
   values[1] = np.round(values[1], 1)  # many ties at the k-th value
   values[2] = 0.0  # all tied
   values[3, :50] = np.inf
-  for k in (1, 75, 299, 300):
-    marked = np.asarray(point_sampling.smallest_k(jnp.asarray(values), k))
+  long_rows = np.round(np.abs(rng.normal(size=(2, 70000))), 2).astype(np.float32)  # >= 2**16
+  for values, k in [(values, 1), (values, 75), (values, 299), (values, 300), (long_rows, 9000)]:
+    position = np.asarray(point_sampling.smallest_k_positions(jnp.asarray(values), k))
+    marked = position < k
     _, expected = jax.lax.top_k(-jnp.asarray(values), k)
-    assert np.all(marked.sum(-1) == k)
     for row in range(values.shape[0]):
+      np.testing.assert_array_equal(np.sort(position[row][marked[row]]), np.arange(k))
       np.testing.assert_array_equal(np.flatnonzero(marked[row]), np.sort(np.asarray(expected[row])),
                                     err_msg=f"k={k}, row {row}")
