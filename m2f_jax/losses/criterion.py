@@ -88,6 +88,7 @@ def _mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array, query_for_ta
   Each pass gathers its pairs' maps, picks their importance-sampled points (no gradient), and
   evaluates the losses and, if asked, their gradients, which it scatter-adds into [L, B, Q, h, w]
   buffers. Nothing per pass outlives it, and passes without a matched slot never run.
+  Arguments as `_mask_losses`; `with_gradients` also computes the gradient buffers.
 
   Returns:
     (bce [L], dice [L]) and, with gradients, (d bce, d dice): each [L, B, Q, h, w] holding the
@@ -127,7 +128,8 @@ def _mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array, query_for_ta
                  for s, t in zip(carry[0], (bce, dice)))
     if not with_gradients:
       return sums, ()
-    grads = jax.vmap(lambda g: transpose(g)[0])(jnp.stack([d_bce, d_dice]) * keep[:, None])
+    cotangents = jnp.where(keep[:, None], jnp.stack([d_bce, d_dice]), 0.0)  # [2, pairs, P]
+    grads = jax.vmap(lambda g: transpose(g)[0])(cotangents)
     grads = grads.reshape(2, num_layers, batch_size, per_pass, height, width)
     return sums, tuple(buffer.at[layer, image, queries].add(g)
                        for buffer, g in zip(carry[1], grads))

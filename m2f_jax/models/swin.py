@@ -129,8 +129,9 @@ class WindowAttention(nn.Module):
     if mask is not None:
       bias = bias[None] + mask[:, None]  # [nW, heads, N, N]
 
-    qkv = _dense(3 * c, self.dtype, "qkv")(windows).reshape(b, nw, n, 3, self.num_heads, head_dim)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, nW, N, heads, d]
+    qkv = _dense(3 * c, self.dtype, "qkv")(windows)  # [B, nW, N, 3C]
+    # split (not indexing): its gradient is one concatenation instead of three padded copies
+    q, k, v = (x.reshape(b, nw, n, self.num_heads, head_dim) for x in jnp.split(qkv, 3, axis=-1))
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
     logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32) + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
