@@ -6,7 +6,7 @@ writes eval_metrics.json, TensorBoard scalars (tensorboard/eval) and overlay pic
 """
 from m2f_jax import host_memory  # pylint: disable=g-bad-import-order
 
-host_memory.keep_freed_memory()  # before jax and TensorFlow start their threads
+host_memory.keep_freed_memory()  # if M2F_KEEP_HOST_MEMORY=1; before jax and TF start threads
 # pylint: disable=wrong-import-position
 
 import json

@@ -6,7 +6,7 @@ M2F_* environment variables, see m2f_jax.parallel), or --multihost to let JAX de
 """
 from m2f_jax import host_memory  # pylint: disable=g-bad-import-order
 
-host_memory.keep_freed_memory()  # before jax and TensorFlow start their threads
+host_memory.keep_freed_memory()  # if M2F_KEEP_HOST_MEMORY=1; before jax and TF start threads
 # pylint: disable=wrong-import-position
 
 import sys

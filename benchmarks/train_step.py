@@ -5,11 +5,11 @@
 
 Each measurement runs in its own subprocess so its peak resident memory (ru_maxrss) is its own:
   convert  builds the torch model (seeded) and writes its weights converted to Flax variables
-  jax    our train step (m2f_jax.training.step, one CPU device) from those variables, with the
-         host malloc settings train.py applies (m2f_jax.host_memory)
+  jax    our train step (m2f_jax.training.step, one CPU device) from those variables
   torch  Mask2FormerForUniversalSegmentation(pixel_values, mask_labels, class_labels).loss
-         .backward() + AdamW step, as PyTorch runs by default
-  torch_keep  the same with m2f_jax.host_memory's malloc settings (PyTorch gains from them too)
+         .backward() + AdamW step
+  jax_keep, torch_keep  the same two with M2F_KEEP_HOST_MEMORY=1 (m2f_jax.host_memory's malloc
+         settings, which train.py applies on request; both frameworks gain from them)
   loss   the criterion alone (forward + gradient w.r.t. the predictions): point-sampled with
          cfg.loss.num_points vs as many uniform points as the image has pixels (the loss on
          full-resolution masks); XLA's compiled temp memory, and the peak RSS of running it when
@@ -29,8 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from m2f_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# As train.py does, before any library starts threads; run_child turns it off
-# (M2F_KEEP_HOST_MEMORY=0) for the default PyTorch run.
+# As train.py does, before any library starts threads: only the *_keep children set
+# M2F_KEEP_HOST_MEMORY=1 (run_child).
 host_memory.keep_freed_memory()
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -195,7 +195,7 @@ def _child(args) -> None:
     result = convert_weights(cfg, args.variables_dir)
   elif args.child in ("torch", "torch_keep"):
     result = bench_torch(cfg, args.warmup, args.steps)
-  elif args.child == "jax":
+  elif args.child in ("jax", "jax_keep"):
     result = bench_jax(cfg, args.variables_dir, args.warmup, args.steps)
   else:
     result = bench_loss(cfg, args.child == "loss_full", args.max_loss_gb)
@@ -203,12 +203,12 @@ def _child(args) -> None:
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(script: str, which: str, child_args: list, keep_host_memory: bool = True) -> dict:
+def run_child(script: str, which: str, child_args: list, keep_host_memory: bool = False) -> dict:
   """Runs `script --child which *child_args` on the CPU in a subprocess; returns its RESULT dict.
-  `keep_host_memory` False runs it with malloc's defaults instead of m2f_jax.host_memory's."""
+  `keep_host_memory` runs it with M2F_KEEP_HOST_MEMORY=1 (m2f_jax.host_memory)."""
   cmd = [sys.executable, os.path.abspath(script), "--child", which] + child_args
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env[host_memory.OPT_OUT_VARIABLE] = "1" if keep_host_memory else "0"
+  env[host_memory.ENABLE_VARIABLE] = "1" if keep_host_memory else "0"
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
@@ -225,8 +225,8 @@ def main() -> None:
                       help="run the criterion only when its compiled temp memory is below this")
   parser.add_argument("--max_targets", type=int, default=100,
                       help="target slots per image (cfg.data.max_targets; 5 are real)")
-  parser.add_argument("--child", choices=("convert", "jax", "torch", "torch_keep", "loss_points",
-                                          "loss_full"),
+  parser.add_argument("--child", choices=("convert", "jax", "jax_keep", "torch", "torch_keep",
+                                          "loss_points", "loss_full"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--variables_dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -241,24 +241,23 @@ def main() -> None:
     child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--variables_dir", args.variables_dir, "--max_loss_gb", str(args.max_loss_gb),
                   "--max_targets", str(args.max_targets)] + (["--small"] if args.small else [])
-    results = {name: run_child(__file__, name, child_args, keep_host_memory=name != "torch")
-               for name in ("convert", "jax", "torch", "torch_keep", "loss_points", "loss_full")}
+    results = {name: run_child(__file__, name, child_args, keep_host_memory=name.endswith("_keep"))
+               for name in ("convert", "jax", "torch", "jax_keep", "torch_keep", "loss_points",
+                            "loss_full")}
   gb = 1 << 30
-  jax_r = results["jax"]
   h, w = cfg.data.image_size
   print(f"\nTrain step, CPU ({os.cpu_count()} cores), {'small Swin' if args.small else 'Swin-T'} "
         f"Mask2Former, {h}x{w}, batch {cfg.batch_size}, {cfg.data.max_targets} target slots (5 real), "
         f"median of {args.steps} steps:")
-  print("| | s/step | peak RSS (GB) | PyTorch / JAX s/step | PyTorch / JAX RSS |")
-  print("|---|---|---|---|---|")
-  print(f"| m2f_jax (jit; compile {jax_r['compile_seconds']:.0f} s) | "
-        f"{jax_r['seconds_per_step']:.2f} | {jax_r['peak_rss_bytes'] / gb:.2f} | | |")
-  for name, label in (("torch", "transformers (PyTorch defaults)"),
-                      ("torch_keep", "transformers with m2f_jax.host_memory's malloc settings")):
-    r = results[name]
-    print(f"| {label} | {r['seconds_per_step']:.2f} | {r['peak_rss_bytes'] / gb:.2f} | "
-          f"{r['seconds_per_step'] / jax_r['seconds_per_step']:.2f} | "
-          f"{r['peak_rss_bytes'] / jax_r['peak_rss_bytes']:.2f} |")
+  print("| malloc | m2f_jax s/step | transformers s/step | PyTorch / JAX time | m2f_jax peak RSS GB "
+        "| transformers peak RSS GB |")
+  print("|---|---|---|---|---|---|")
+  for suffix, label in (("", "glibc defaults"), ("_keep", "M2F_KEEP_HOST_MEMORY=1")):
+    ours, theirs = results["jax" + suffix], results["torch" + suffix]
+    print(f"| {label} | {ours['seconds_per_step']:.2f} (compile {ours['compile_seconds']:.0f} s) | "
+          f"{theirs['seconds_per_step']:.2f} | "
+          f"{theirs['seconds_per_step'] / ours['seconds_per_step']:.2f} | "
+          f"{ours['peak_rss_bytes'] / gb:.2f} | {theirs['peak_rss_bytes'] / gb:.2f} |")
   print("\nCriterion + gradient (compiled temp memory / process peak RSS):")
   print("| | points per mask | temp (GB) | peak RSS (GB) |")
   print("|---|---|---|---|")
