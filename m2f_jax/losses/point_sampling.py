@@ -192,6 +192,6 @@ def importance_points(maps: jax.Array, oversampled: jax.Array, fresh: jax.Array,
   target = jnp.arange(pairs)[:, None] * num_uncertain + position
   target = jnp.where(position < num_uncertain, target, pairs * num_uncertain)
   chosen = jnp.zeros((pairs * num_uncertain, 2), jnp.float32).at[target.reshape(-1)].set(
-      oversampled.reshape(-1, 2), mode="drop", unique_indices=True)
+      oversampled.reshape(-1, 2), mode="drop")
   return jnp.concatenate([chosen.reshape(pairs, num_uncertain, 2), fresh.astype(jnp.float32)],
                          axis=1)
