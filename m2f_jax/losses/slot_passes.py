@@ -60,10 +60,10 @@ def fold_occupied_passes(update: Callable[[jax.Array, Any], Any], occupied: jax.
     init: the initial carry.
   """
   num_slots = occupied.shape[-1]
-  count = num_passes(num_slots, per_pass)
-  padded = jnp.zeros(occupied.shape[:-1] + (count * per_pass,), bool)
-  padded = padded.at[..., :num_slots].set(occupied)
-  pass_occupied = jnp.any(padded.reshape(-1, count, per_pass), axis=(0, 2))  # [passes]
+  passes = jnp.arange(num_passes(num_slots, per_pass), dtype=jnp.int32)[:, None]
+  slots, _ = pass_slots(passes, per_pass, num_slots)  # [passes, per_pass]
+  by_pass = occupied.reshape(-1, num_slots)[:, slots]  # [rest, passes, per_pass]
+  pass_occupied = jnp.any(by_pass, axis=(0, 2))  # [passes], as map_passes decides it
   order = jnp.argsort(~pass_occupied, stable=True).astype(jnp.int32)  # occupied passes first
   return jax.lax.fori_loop(0, jnp.sum(pass_occupied, dtype=jnp.int32),
                            lambda k, carry: update(order[k], carry), init)
