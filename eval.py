@@ -6,7 +6,8 @@ writes eval_metrics.json, TensorBoard scalars (tensorboard/eval) and overlay pic
 """
 from m2f_jax import host_memory  # pylint: disable=g-bad-import-order
 
-host_memory.keep_freed_memory()  # if M2F_KEEP_HOST_MEMORY=1; before jax and TF start threads
+if __name__ == "__main__":
+  host_memory.relaunch_with_huge_pages()  # before jax and TF start threads
 # pylint: disable=wrong-import-position
 
 import json

@@ -6,7 +6,8 @@ M2F_* environment variables, see m2f_jax.parallel), or --multihost to let JAX de
 """
 from m2f_jax import host_memory  # pylint: disable=g-bad-import-order
 
-host_memory.keep_freed_memory()  # if M2F_KEEP_HOST_MEMORY=1; before jax and TF start threads
+if __name__ == "__main__":
+  host_memory.relaunch_with_huge_pages()  # before jax and TF start threads
 # pylint: disable=wrong-import-position
 
 import sys

@@ -6,8 +6,8 @@
 The stages of `train_step.py`'s model, one at a time on the same shapes: backbone, pixel decoder,
 transformer decoder, in training mode, with 1e-6 * (sum of squares of the stage's outputs) as the
 loss; the gradient is taken w.r.t. the stage's parameters and inputs. Each framework runs in its
-own subprocess, with its own random weights (timing only), both with M2F_KEEP_HOST_MEMORY=1
-(m2f_jax.host_memory's malloc settings: no page faults through fresh buffers). Seconds are the median of --repeats
+own subprocess, with its own random weights (timing only), both with malloc's huge pages on
+(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as train.py runs). Seconds are the median of --repeats
 timed runs after a warm-up run (JAX compiled apart). Prints a markdown table with ratios.
 """
 import argparse
@@ -118,7 +118,7 @@ def main() -> None:
     print("RESULT " + json.dumps(result), flush=True)
     return
   child_args = ["--repeats", str(args.repeats)] + (["--small"] if args.small else [])
-  jax_r, torch_r = (train_step.run_child(__file__, framework, child_args, keep_host_memory=True)
+  jax_r, torch_r = (train_step.run_child(__file__, framework, child_args, huge_pages=True)
                     for framework in ("jax", "torch"))
   h, w = cfg.data.image_size
   print(f"\nModel stages, CPU ({os.cpu_count()} cores), {'small Swin' if args.small else 'Swin-T'} "

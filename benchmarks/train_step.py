@@ -8,8 +8,9 @@ Each measurement runs in its own subprocess so its peak resident memory (ru_maxr
   jax    our train step (m2f_jax.training.step, one CPU device) from those variables
   torch  Mask2FormerForUniversalSegmentation(pixel_values, mask_labels, class_labels).loss
          .backward() + AdamW step
-  jax_keep, torch_keep  the same two with M2F_KEEP_HOST_MEMORY=1 (m2f_jax.host_memory's malloc
-         settings, which train.py applies on request; both frameworks gain from them)
+  jax_huge, torch_huge  the same two with malloc's transparent huge pages on
+         (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which train.py sets by default through
+         m2f_jax.host_memory; both frameworks gain from them)
   loss   the criterion alone (forward + gradient w.r.t. the predictions): point-sampled with
          cfg.loss.num_points vs as many uniform points as the image has pixels (the loss on
          full-resolution masks); XLA's compiled temp memory, and the peak RSS of running it when
@@ -28,10 +29,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from m2f_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# As train.py does, before any library starts threads: only the *_keep children set
-# M2F_KEEP_HOST_MEMORY=1 (run_child).
-host_memory.keep_freed_memory()
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -193,9 +190,9 @@ def _child(args) -> None:
   cfg = make_config(args.small, args.max_targets)
   if args.child == "convert":
     result = convert_weights(cfg, args.variables_dir)
-  elif args.child in ("torch", "torch_keep"):
+  elif args.child in ("torch", "torch_huge"):
     result = bench_torch(cfg, args.warmup, args.steps)
-  elif args.child in ("jax", "jax_keep"):
+  elif args.child in ("jax", "jax_huge"):
     result = bench_jax(cfg, args.variables_dir, args.warmup, args.steps)
   else:
     result = bench_loss(cfg, args.child == "loss_full", args.max_loss_gb)
@@ -203,12 +200,15 @@ def _child(args) -> None:
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(script: str, which: str, child_args: list, keep_host_memory: bool = False) -> dict:
+def run_child(script: str, which: str, child_args: list, huge_pages: bool = False) -> dict:
   """Runs `script --child which *child_args` on the CPU in a subprocess; returns its RESULT dict.
-  `keep_host_memory` runs it with M2F_KEEP_HOST_MEMORY=1 (m2f_jax.host_memory)."""
+  `huge_pages` runs it with malloc's transparent huge pages on (m2f_jax.host_memory), else with
+  glibc's defaults."""
   cmd = [sys.executable, os.path.abspath(script), "--child", which] + child_args
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env[host_memory.ENABLE_VARIABLE] = "1" if keep_host_memory else "0"
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  if huge_pages:
+    env = host_memory.environment_with_huge_pages(env)
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
@@ -225,7 +225,7 @@ def main() -> None:
                       help="run the criterion only when its compiled temp memory is below this")
   parser.add_argument("--max_targets", type=int, default=100,
                       help="target slots per image (cfg.data.max_targets; 5 are real)")
-  parser.add_argument("--child", choices=("convert", "jax", "jax_keep", "torch", "torch_keep",
+  parser.add_argument("--child", choices=("convert", "jax", "jax_huge", "torch", "torch_huge",
                                           "loss_points", "loss_full"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--variables_dir", help=argparse.SUPPRESS)
@@ -241,8 +241,8 @@ def main() -> None:
     child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--variables_dir", args.variables_dir, "--max_loss_gb", str(args.max_loss_gb),
                   "--max_targets", str(args.max_targets)] + (["--small"] if args.small else [])
-    results = {name: run_child(__file__, name, child_args, keep_host_memory=name.endswith("_keep"))
-               for name in ("convert", "jax", "torch", "jax_keep", "torch_keep", "loss_points",
+    results = {name: run_child(__file__, name, child_args, huge_pages=name.endswith("_huge"))
+               for name in ("convert", "jax", "torch", "jax_huge", "torch_huge", "loss_points",
                             "loss_full")}
   gb = 1 << 30
   h, w = cfg.data.image_size
@@ -252,7 +252,7 @@ def main() -> None:
   print("| malloc | m2f_jax s/step | transformers s/step | PyTorch / JAX time | m2f_jax peak RSS GB "
         "| transformers peak RSS GB |")
   print("|---|---|---|---|---|---|")
-  for suffix, label in (("", "glibc defaults"), ("_keep", "M2F_KEEP_HOST_MEMORY=1")):
+  for suffix, label in (("", "glibc defaults"), ("_huge", "huge pages (train.py's default)")):
     ours, theirs = results["jax" + suffix], results["torch" + suffix]
     print(f"| {label} | {ours['seconds_per_step']:.2f} (compile {ours['compile_seconds']:.0f} s) | "
           f"{theirs['seconds_per_step']:.2f} | "

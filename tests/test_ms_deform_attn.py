@@ -10,7 +10,7 @@ from transformers.models.mask2former import modeling_mask2former as hf
 
 from m2f_jax.models import ms_deform_attn as mda
 
-SHAPES = ((3, 5), (6, 10), (12, 7))
+SHAPES = ((3, 5), (1, 10), (12, 1), (6, 7))  # one-pixel-wide levels included
 B, LQ, HEADS, DIM, POINTS = 2, 11, 3, 4, 2
 
 
