@@ -118,7 +118,7 @@ def main() -> None:
     print("RESULT " + json.dumps(result), flush=True)
     return
   child_args = ["--repeats", str(args.repeats)] + (["--small"] if args.small else [])
-  jax_r, torch_r = (train_step.run_child(__file__, framework, child_args, huge_pages=True)
+  jax_r, torch_r = (train_step.run_child(__file__, framework, child_args, malloc="huge")
                     for framework in ("jax", "torch"))
   h, w = cfg.data.image_size
   print(f"\nModel stages, CPU ({os.cpu_count()} cores), {'small Swin' if args.small else 'Swin-T'} "

@@ -11,6 +11,8 @@ Each measurement runs in its own subprocess so its peak resident memory (ru_maxr
   jax_huge, torch_huge  the same two with malloc's transparent huge pages on
          (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which train.py sets by default through
          m2f_jax.host_memory; both frameworks gain from them)
+  jax_arena, torch_arena  the same two with freed memory kept in the process instead (mallopt:
+         one arena, no mmap'd blocks, no trimming), PyTorch's fastest setting on a 2-core CPU
   loss   the criterion alone (forward + gradient w.r.t. the predictions): point-sampled with
          cfg.loss.num_points vs as many uniform points as the image has pixels (the loss on
          full-resolution masks); XLA's compiled temp memory, and the peak RSS of running it when
@@ -29,6 +31,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from m2f_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_ARENA_VARIABLE = "M2F_BENCHMARK_ONE_ARENA"
+
+
+def _keep_freed_memory() -> None:
+  """glibc mallopt: one arena (M_ARENA_MAX), no mmap'd blocks (M_MMAP_MAX), no trimming."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+  mallopt = ctypes.CDLL("libc.so.6").mallopt
+  if not all(mallopt(parameter, value) == 1 for parameter, value in ((-8, 1), (-4, 0), (-1, -1))):
+    raise RuntimeError("mallopt refused the one-arena settings")
+
+
+if os.environ.get(_ARENA_VARIABLE) == "1":  # before numpy, torch or jax start threads
+  _keep_freed_memory()
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -190,9 +206,9 @@ def _child(args) -> None:
   cfg = make_config(args.small, args.max_targets)
   if args.child == "convert":
     result = convert_weights(cfg, args.variables_dir)
-  elif args.child in ("torch", "torch_huge"):
+  elif args.child.startswith("torch"):
     result = bench_torch(cfg, args.warmup, args.steps)
-  elif args.child in ("jax", "jax_huge"):
+  elif args.child.startswith("jax"):
     result = bench_jax(cfg, args.variables_dir, args.warmup, args.steps)
   else:
     result = bench_loss(cfg, args.child == "loss_full", args.max_loss_gb)
@@ -200,14 +216,15 @@ def _child(args) -> None:
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(script: str, which: str, child_args: list, huge_pages: bool = False) -> dict:
+def run_child(script: str, which: str, child_args: list, malloc: str = "") -> dict:
   """Runs `script --child which *child_args` on the CPU in a subprocess; returns its RESULT dict.
-  `huge_pages` runs it with malloc's transparent huge pages on (m2f_jax.host_memory), else with
-  glibc's defaults."""
+  `malloc`: 'huge' (transparent huge pages, as train.py runs), 'arena' (one arena keeping freed
+  memory) or anything else for glibc's defaults."""
   cmd = [sys.executable, os.path.abspath(script), "--child", which] + child_args
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  if huge_pages:
+  env[_ARENA_VARIABLE] = "1" if malloc == "arena" else "0"
+  if malloc == "huge":
     env = host_memory.environment_with_huge_pages(env)
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -225,7 +242,8 @@ def main() -> None:
                       help="run the criterion only when its compiled temp memory is below this")
   parser.add_argument("--max_targets", type=int, default=100,
                       help="target slots per image (cfg.data.max_targets; 5 are real)")
-  parser.add_argument("--child", choices=("convert", "jax", "jax_huge", "torch", "torch_huge",
+  parser.add_argument("--child", choices=("convert", "jax", "jax_huge", "jax_arena", "torch",
+                                          "torch_huge", "torch_arena",
                                           "loss_points", "loss_full"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--variables_dir", help=argparse.SUPPRESS)
@@ -241,9 +259,9 @@ def main() -> None:
     child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--variables_dir", args.variables_dir, "--max_loss_gb", str(args.max_loss_gb),
                   "--max_targets", str(args.max_targets)] + (["--small"] if args.small else [])
-    results = {name: run_child(__file__, name, child_args, huge_pages=name.endswith("_huge"))
-               for name in ("convert", "jax", "torch", "jax_huge", "torch_huge", "loss_points",
-                            "loss_full")}
+    results = {name: run_child(__file__, name, child_args, malloc=name.partition("_")[2])
+               for name in ("convert", "jax", "torch", "jax_huge", "torch_huge", "jax_arena",
+                            "torch_arena", "loss_points", "loss_full")}
   gb = 1 << 30
   h, w = cfg.data.image_size
   print(f"\nTrain step, CPU ({os.cpu_count()} cores), {'small Swin' if args.small else 'Swin-T'} "
@@ -252,7 +270,8 @@ def main() -> None:
   print("| malloc | m2f_jax s/step | transformers s/step | PyTorch / JAX time | m2f_jax peak RSS GB "
         "| transformers peak RSS GB |")
   print("|---|---|---|---|---|---|")
-  for suffix, label in (("", "glibc defaults"), ("_huge", "huge pages (train.py's default)")):
+  for suffix, label in (("", "glibc defaults"), ("_huge", "huge pages (train.py's default)"),
+                        ("_arena", "one arena, freed memory kept")):
     ours, theirs = results["jax" + suffix], results["torch" + suffix]
     print(f"| {label} | {ours['seconds_per_step']:.2f} (compile {ours['compile_seconds']:.0f} s) | "
           f"{theirs['seconds_per_step']:.2f} | "
