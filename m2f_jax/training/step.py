@@ -27,10 +27,6 @@ def default_loss_fn(cfg: ml_collections.ConfigDict) -> LossFn:
   return loss_fn
 
 
-def _select(ok: jax.Array, new: Any, old: Any) -> Any:
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
 def make_train_step(model: Any, loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: Callable[[Any], jax.Array], mesh: Mesh, rng: jax.Array
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
@@ -61,14 +57,16 @@ def make_train_step(model: Any, loss_fn: LossFn, tx: optax.GradientTransformatio
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=_select(ok, params, state.params),
-        batch_stats=_select(ok, batch_stats, state.batch_stats),
-        opt_state=_select(ok, opt_state, state.opt_state),
-        skipped=state.skipped + (~ok).astype(jnp.int32))
+
+    def apply_update():
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), batch_stats, opt_state
+
+    # A branch, not a select per leaf: ~1,600 elementwise selects cost 0.1 s a Swin-T step on CPU.
+    params, batch_stats, opt_state = jax.lax.cond(
+        ok, apply_update, lambda: (state.params, state.batch_stats, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "skipped": (~ok).astype(jnp.float32)}
     metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in terms.items()})
