@@ -101,16 +101,16 @@ class DecoderLayer(nn.Module):
 
 
 class PredictionHead(nn.Module):
-  """Shared head: LayerNorm -> class logits [B, Q, K+1] and mask logits [B, Q, h, w]."""
+  """Shared head: LayerNorm -> class logits [B, Q, K+1] and mask embedding [B, Q, mask_dim]
+  (`masks_from_embeddings` turns embeddings into mask logits)."""
   num_classes: int
   hidden_dim: int
   mask_dim: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, queries: jnp.ndarray, mask_features: jnp.ndarray
-               ) -> Tuple[jnp.ndarray, jnp.ndarray]:
-    """queries [B, Q, D], mask_features [B, h, w, mask_dim] -> (class [B, Q, K+1], mask [B, Q, h, w])."""
+  def __call__(self, queries: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """queries [B, Q, D] -> (class logits [B, Q, K+1], mask embedding [B, Q, mask_dim])."""
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="decoder_norm")(queries)
     class_logits = torch_linear(self.num_classes + 1, self.hidden_dim, self.dtype, "class_embed")(x)
     embedding = x
@@ -118,8 +118,12 @@ class PredictionHead(nn.Module):
       embedding = torch_linear(width, self.hidden_dim, self.dtype, f"mask_embed_{i}")(embedding)
       if i < 2:
         embedding = nn.relu(embedding)
-    mask_logits = jnp.einsum("bqc,bhwc->bqhw", embedding, mask_features.astype(self.dtype))
-    return class_logits, mask_logits
+    return class_logits, embedding
+
+
+def masks_from_embeddings(embedding: jnp.ndarray, mask_features: jnp.ndarray) -> jnp.ndarray:
+  """Mask embeddings [..., B, Q, C] against per-pixel features [B, h, w, C] -> [..., B, Q, h, w]."""
+  return jnp.einsum("...bqc,bhwc->...bqhw", embedding, mask_features.astype(embedding.dtype))
 
 
 class MaskedAttentionDecoder(nn.Module):
@@ -184,19 +188,23 @@ class MaskedAttentionDecoder(nn.Module):
     query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), queries.shape)
 
     head = PredictionHead(self.num_classes, self.hidden_dim, self.mask_dim, self.dtype, name="head")
-    class_logits, mask_logits = head(queries, mask_features)
-    all_classes, all_masks = [class_logits], [mask_logits]
+    class_logits, embedding = head(queries)
+    all_classes, all_embeddings = [class_logits], [embedding]
+    # The masks that steer attention carry no gradient; the L predicted masks come from one einsum
+    # over the stacked embeddings, whose backward is one matmul rather than L slices of its cotangent.
+    features_no_grad = jax.lax.stop_gradient(mask_features)
     for i in range(self.num_layers):
       level = i % NUM_LEVELS
-      blocked = self.attention_blocked(mask_logits, level_hw[level])
+      steering = masks_from_embeddings(jax.lax.stop_gradient(embedding), features_no_grad)
+      blocked = self.attention_blocked(steering, level_hw[level])
       queries = DecoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype,
                              name=f"layers_{i}")(queries, query_pos, memories[level],
                                                  memory_pos[level], blocked)
-      class_logits, mask_logits = head(queries, mask_features)
+      class_logits, embedding = head(queries)
       all_classes.append(class_logits)
-      all_masks.append(mask_logits)
+      all_embeddings.append(embedding)
     return (jnp.stack(all_classes).astype(jnp.float32),
-            jnp.stack(all_masks).astype(jnp.float32))
+            masks_from_embeddings(jnp.stack(all_embeddings), mask_features).astype(jnp.float32))
 
   @staticmethod
   def attention_blocked(mask_logits: jnp.ndarray, level_hw: Tuple[int, int]) -> jnp.ndarray:
