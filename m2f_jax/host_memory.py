@@ -4,8 +4,8 @@ XLA:CPU allocates each step's temporary buffers anew (3.3 GB for a Swin-T train 
 glibc maps such blocks fresh and unmaps them on free, so every step page-faults through all of its
 temporary memory again, 4 KB at a time: about 900,000 faults a Swin-T step. glibc's tunable
 `glibc.malloc.hugetlb=1` makes malloc ask the kernel for transparent huge pages (madvise), and the
-step faults a few thousand times, 2 MB at a time (benchmarks/train_step.py: 6.1 -> 4.8-5.0 s per
-step on 2 cores).
+step faults a few thousand times, 2 MB at a time (benchmarks/train_step.py on 2 cores: 6.7-7.3 ->
+5.0-5.2 s per step).
 
 glibc reads tunables once, when the process starts, so `relaunch_with_huge_pages()` re-executes
 the program (same process id, same arguments) with the tunable added to GLIBC_TUNABLES. It does
@@ -30,9 +30,10 @@ def transparent_huge_pages_available() -> bool:
   return "[always]" in mode or "[madvise]" in mode
 
 
-def _is_glibc() -> bool:
+def glibc_available() -> bool:
+  """Whether this process runs on GNU libc (whose malloc reads GLIBC_TUNABLES)."""
   try:
-    return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
   except (ValueError, OSError):  # not a glibc system
     return False
 
@@ -52,7 +53,7 @@ def relaunch_with_huge_pages() -> None:
   """
   if (os.environ.get(DISABLE_VARIABLE) == "0" or not sys.platform.startswith("linux")
       or TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
-      or not _is_glibc() or not transparent_huge_pages_available()):
+      or not glibc_available() or not transparent_huge_pages_available()):
     return
   sys.stdout.flush()
   sys.stderr.flush()

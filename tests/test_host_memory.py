@@ -10,8 +10,9 @@ from m2f_jax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not host_memory.transparent_huge_pages_available(),
-    reason="needs Linux with transparent huge pages ('always' or 'madvise')")
+    not sys.platform.startswith("linux") or not host_memory.glibc_available()
+    or not host_memory.transparent_huge_pages_available(),
+    reason="needs Linux, glibc and transparent huge pages ('always' or 'madvise')")
 
 RELAUNCH = """
 from m2f_jax import host_memory
