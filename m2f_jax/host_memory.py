@@ -4,8 +4,8 @@ XLA:CPU allocates each step's temporary buffers anew (3.3 GB for a Swin-T train 
 glibc maps such blocks fresh and unmaps them on free, so every step page-faults through all of its
 temporary memory again, 4 KB at a time: about 900,000 faults a Swin-T step. glibc's tunable
 `glibc.malloc.hugetlb=1` makes malloc ask the kernel for transparent huge pages (madvise), and the
-step faults a few thousand times, 2 MB at a time (benchmarks/train_step.py on 2 cores: 6.7-7.3 ->
-5.0-5.2 s per step).
+step faults a few thousand times, 2 MB at a time (benchmarks/train_step.py on 2 cores: 6.6-7.3 ->
+5.0-5.4 s per step).
 
 glibc reads tunables once, when the process starts, so `relaunch_with_huge_pages()` re-executes
 the program (same process id, same arguments) with the tunable added to GLIBC_TUNABLES. It does
