@@ -1,11 +1,13 @@
 """Masked-attention decoder parity with transformers' Mask2FormerTransformerModule."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from m2f_jax.convert.hf import TRANSFORMER_PREFIX, CLASS_PREFIX, config_from_hf, convert_hf_transformer_decoder
 from m2f_jax.models.bilinear import interpolation_matrix, resize_bilinear
+from m2f_jax.models import transformer_decoder
 from m2f_jax.models.transformer_decoder import MaskedAttentionDecoder
 from torch_reference import hf_config, random_model, state_dict_numpy
 
@@ -151,3 +153,23 @@ def test_gradients_are_finite_when_a_query_is_fully_blocked(case):
   leaves = jax.tree.leaves(grads)
   assert all(np.isfinite(g).all() for g in leaves)
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["layers_0"]["cross_attn"]))
+
+
+def test_stacked_masks_differentiate_as_the_einsum():
+  rng = np.random.default_rng(0)
+  embeddings = jnp.asarray(rng.normal(size=(3, 2, 5, 4)), jnp.float32)  # [L, B, Q, C]
+  features = jnp.asarray(rng.normal(size=(2, 6, 7, 4)), jnp.float32)  # [B, h, w, C]
+  cotangent = jnp.asarray(rng.normal(size=(3, 2, 5, 6, 7)), jnp.float32)
+  einsum = transformer_decoder.masks_from_embeddings
+
+  def stacked(e, f):
+    masks = einsum(jax.lax.stop_gradient(e), jax.lax.stop_gradient(f))
+    return transformer_decoder._stacked_masks(e, f, masks)  # pylint: disable=protected-access
+
+  expected = jax.grad(lambda e, f: jnp.sum(einsum(e, f) * cotangent), argnums=(0, 1))(embeddings, features)
+  got = jax.grad(lambda e, f: jnp.sum(stacked(e, f) * cotangent), argnums=(0, 1))(embeddings, features)
+  np.testing.assert_allclose(np.asarray(stacked(embeddings, features)),
+                             np.asarray(einsum(embeddings, features)), rtol=1e-6)
+  for g, e in zip(got, expected):
+    assert np.abs(np.asarray(e)).max() > 0
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)

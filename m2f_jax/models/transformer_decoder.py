@@ -126,6 +126,31 @@ def masks_from_embeddings(embedding: jnp.ndarray, mask_features: jnp.ndarray) ->
   return jnp.einsum("...bqc,bhwc->...bqhw", embedding, mask_features.astype(embedding.dtype))
 
 
+@jax.custom_vjp
+def _stacked_masks(embeddings: jnp.ndarray, mask_features: jnp.ndarray,
+                   masks: jnp.ndarray) -> jnp.ndarray:
+  """`masks` (= masks_from_embeddings(embeddings, mask_features), computed layer by layer without
+  gradient), differentiable as that einsum: embeddings [L, B, Q, C], mask_features [B, h, w, C],
+  masks [L, B, Q, h, w]. The backward is one matmul per input over all L layers, where the
+  gradient of stacking L per-layer masks would first copy their cotangent out slice by slice.
+  """
+  del embeddings, mask_features
+  return masks
+
+
+def _stacked_masks_fwd(embeddings, mask_features, masks):
+  return masks, (embeddings, mask_features)
+
+
+def _stacked_masks_bwd(residuals, grad):
+  embeddings, mask_features = residuals
+  _, transpose = jax.vjp(masks_from_embeddings, embeddings, mask_features)
+  return (*transpose(grad.astype(embeddings.dtype)), None)
+
+
+_stacked_masks.defvjp(_stacked_masks_fwd, _stacked_masks_bwd)
+
+
 class MaskedAttentionDecoder(nn.Module):
   """Mask2Former's transformer decoder (REFERENCE.md §1).
 
@@ -188,23 +213,22 @@ class MaskedAttentionDecoder(nn.Module):
     query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), queries.shape)
 
     head = PredictionHead(self.num_classes, self.hidden_dim, self.mask_dim, self.dtype, name="head")
-    class_logits, embedding = head(queries)
-    all_classes, all_embeddings = [class_logits], [embedding]
-    # The masks that steer attention carry no gradient; the L predicted masks come from one einsum
-    # over the stacked embeddings, whose backward is one matmul rather than L slices of its cotangent.
     features_no_grad = jax.lax.stop_gradient(mask_features)
+    predict_masks = lambda e: masks_from_embeddings(jax.lax.stop_gradient(e), features_no_grad)
+    class_logits, embedding = head(queries)
+    all_classes, all_embeddings, all_masks = [class_logits], [embedding], [predict_masks(embedding)]
     for i in range(self.num_layers):
       level = i % NUM_LEVELS
-      steering = masks_from_embeddings(jax.lax.stop_gradient(embedding), features_no_grad)
-      blocked = self.attention_blocked(steering, level_hw[level])
+      blocked = self.attention_blocked(all_masks[-1], level_hw[level])
       queries = DecoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype,
                              name=f"layers_{i}")(queries, query_pos, memories[level],
                                                  memory_pos[level], blocked)
       class_logits, embedding = head(queries)
       all_classes.append(class_logits)
       all_embeddings.append(embedding)
-    return (jnp.stack(all_classes).astype(jnp.float32),
-            masks_from_embeddings(jnp.stack(all_embeddings), mask_features).astype(jnp.float32))
+      all_masks.append(predict_masks(embedding))
+    masks = _stacked_masks(jnp.stack(all_embeddings), mask_features, jnp.stack(all_masks))
+    return jnp.stack(all_classes).astype(jnp.float32), masks.astype(jnp.float32)
 
   @staticmethod
   def attention_blocked(mask_logits: jnp.ndarray, level_hw: Tuple[int, int]) -> jnp.ndarray:
