@@ -38,11 +38,16 @@ def glibc_available() -> bool:
     return False
 
 
+def _tunables(environ) -> list:
+  """The entries of environ's GLIBC_TUNABLES."""
+  return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def environment_with_huge_pages(environ) -> dict:
   """A copy of `environ` whose GLIBC_TUNABLES also asks malloc for huge pages."""
   environ = dict(environ)
-  tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
-  environ["GLIBC_TUNABLES"] = ":".join(tunables + [TUNABLE])
+  tunables = _tunables(environ)
+  environ["GLIBC_TUNABLES"] = ":".join(tunables + ([] if TUNABLE in tunables else [TUNABLE]))
   return environ
 
 
@@ -52,7 +57,7 @@ def relaunch_with_huge_pages() -> None:
   Call it first thing in a program's entry point, before anything starts threads or prints.
   """
   if (os.environ.get(DISABLE_VARIABLE) == "0" or not sys.platform.startswith("linux")
-      or TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+      or TUNABLE in _tunables(os.environ)
       or not glibc_available() or not transparent_huge_pages_available()):
     return
   sys.stdout.flush()
