@@ -1,5 +1,6 @@
 """host_memory: the relaunch turns malloc's huge pages on (keeping argv and other tunables), and
-with them a fresh 256 MB buffer page-faults far less often."""
+with them a fresh 256 MB buffer page-faults far less often; release_freed_memory hands freed heap
+memory back to the kernel."""
 import os
 import subprocess
 import sys
@@ -9,10 +10,10 @@ import pytest
 from m2f_jax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not host_memory.glibc_available()
-    or not host_memory.transparent_huge_pages_available(),
-    reason="needs Linux, glibc and transparent huge pages ('always' or 'madvise')")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not host_memory.glibc_available(),
+                                reason="needs Linux and glibc")
+needs_huge_pages = pytest.mark.skipif(not host_memory.transparent_huge_pages_available(),
+                                      reason="needs transparent huge pages ('always' or 'madvise')")
 
 RELAUNCH = """
 from m2f_jax import host_memory
@@ -40,6 +41,31 @@ faults_of_fresh_buffer()
 print(faults_of_fresh_buffer())
 """
 
+# Fills 256 MB of 64 KB heap blocks and frees all but the last (which keeps the heap's top, so free()
+# itself trims nothing); prints the MB of resident memory release_freed_memory() gives back.
+TRIM = """
+import ctypes
+import os
+from m2f_jax import host_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def resident_mb():
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+blocks = [libc.malloc(1 << 16) for _ in range(4096)]
+for block in blocks:
+  ctypes.memset(block, 1, 1 << 16)
+for block in blocks[:-1]:
+  libc.free(block)
+before = resident_mb()
+host_memory.release_freed_memory()
+print(before - resident_mb())
+"""
+
 
 def _run(code: str, args=(), **environ) -> str:
   env = {k: v for k, v in os.environ.items()
@@ -49,18 +75,25 @@ def _run(code: str, args=(), **environ) -> str:
                         text=True, check=True).stdout.strip()
 
 
+@needs_huge_pages
 def test_relaunch_adds_the_tunable_and_keeps_arguments():
   assert _run(RELAUNCH, ["a", "--b=1"], GLIBC_TUNABLES="glibc.malloc.check=0") == (
       f"glibc.malloc.check=0:{host_memory.TUNABLE} a --b=1")
   assert _run(RELAUNCH, ["a"]) == f"{host_memory.TUNABLE} a"
 
 
+@needs_huge_pages
 def test_relaunch_can_be_turned_off():
   assert _run(RELAUNCH, ["a"], M2F_HUGE_PAGES="0") == "a"
 
 
+@needs_huge_pages
 def test_huge_pages_cut_page_faults_of_fresh_buffers():
   default = int(_run(PROBE))
   huge = int(_run(PROBE, GLIBC_TUNABLES=host_memory.TUNABLE))
   assert default > 30000, default
   assert huge * 4 < default, (huge, default)
+
+
+def test_release_freed_memory_returns_freed_heap_pages():
+  assert float(_run(TRIM)) > 200, "less than 200 of 256 freed MB went back to the kernel"
