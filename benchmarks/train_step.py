@@ -1,7 +1,9 @@
-"""Our jitted train step vs transformers' PyTorch train step, on CPU, same weights and batch.
+"""Our jitted train step vs transformers' PyTorch train step, same weights and batch.
 
   python benchmarks/train_step.py            # Swin-T Mask2Former (COCO panoptic), 384x384, batch 2
   python benchmarks/train_step.py --small    # a small Swin model at 128x128, for a quick run
+  python benchmarks/train_step.py --platform gpu --image_size 1024 [--dtype bfloat16]
+      # on one GPU: JAX on CUDA, PyTorch on cuda:0 (bfloat16: our cfg.model.dtype, torch.autocast)
 
 Each measurement runs in its own subprocess so its peak resident memory (ru_maxrss) is its own:
   convert  builds the torch model (seeded) and writes its weights converted to Flax variables
@@ -19,7 +21,9 @@ Each measurement runs in its own subprocess so its peak resident memory (ru_maxr
          that fits in --max_loss_gb
 Both frameworks return the memory freed during setup to the kernel before the steps
 (host_memory.release_freed_memory, as train.py does after compiling its step).
-Seconds per step are the median of --steps timed steps after --warmup untimed ones.
+Seconds per step are the median of --steps timed steps after --warmup untimed ones. On a GPU the
+malloc rows are left out and memory is each framework's peak device memory (JAX's allocator
+statistics, torch.cuda.max_memory_allocated) instead of the process's peak RSS.
 """
 import argparse
 import json
@@ -50,14 +54,17 @@ if os.environ.get(_ARENA_VARIABLE) == "1":  # before numpy, torch or jax start t
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def make_config(small: bool, max_targets: int = 100):
-  """The benchmarked recipe: COCO panoptic Swin-T, or a small Swin variant with --small."""
+def make_config(small: bool, max_targets: int = 100, image_size: int = 0, batch_size: int = 2,
+                dtype: str = "float32"):
+  """The benchmarked recipe: COCO panoptic Swin-T at 384x384, or a small Swin variant at 128x128
+  with --small; `image_size` > 0 sets another square size."""
   from configs import base  # pylint: disable=g-import-not-at-top
   cfg = base.get_base_config()
   cfg.model.backbone = base.swin_backbone("tiny")
   cfg.data.image_size = (384, 384)
-  cfg.batch_size = 2
+  cfg.batch_size = batch_size
   cfg.data.max_targets = max_targets
+  cfg.model.dtype = dtype
   if small:
     cfg.model.backbone.update(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
                               window_size=4)
@@ -67,6 +74,8 @@ def make_config(small: bool, max_targets: int = 100):
     cfg.model.decoder.update(num_queries=20, hidden_dim=64, num_heads=4, ffn_dim=128, num_layers=3)
     cfg.loss.num_points = 1024
     cfg.data.image_size = (128, 128)
+  if image_size:
+    cfg.data.image_size = (image_size, image_size)
   return cfg
 
 
@@ -115,30 +124,40 @@ def median_seconds(run_step, warmup: int, steps: int) -> float:
   return float(np.median(times))
 
 
-def bench_torch(cfg, warmup: int, steps: int) -> dict:
+def bench_torch(cfg, platform: str, warmup: int, steps: int) -> dict:
+  """transformers' train step on the CPU or cuda:0; bfloat16 through torch.autocast."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
-  model = torch_model(cfg)
+  device = torch.device("cuda" if platform == "gpu" else "cpu")
+  model = torch_model(cfg).to(device)
   batch = make_batch(cfg)
-  pixels = torch.from_numpy(normalised(batch["image"], cfg).transpose(0, 3, 1, 2).copy())
+  pixels = torch.from_numpy(normalised(batch["image"], cfg).transpose(0, 3, 1, 2).copy()).to(device)
   mask_labels, class_labels = [], []
   for labels, segments in zip(batch["labels"], batch["segment_ids"]):
     ids = np.flatnonzero(labels >= 0)
     mask_labels.append(torch.from_numpy(np.stack([(segments == i + 1).any(0) for i in ids])
-                                        .astype(np.float32)))
-    class_labels.append(torch.from_numpy(labels[ids].astype(np.int64)))
+                                        .astype(np.float32)).to(device))
+    class_labels.append(torch.from_numpy(labels[ids].astype(np.int64)).to(device))
   opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.learning_rate,
                           weight_decay=cfg.optimizer.weight_decay)
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=cfg.model.dtype == "bfloat16")
 
   def run_step():
-    loss = model(pixel_values=pixels, mask_labels=mask_labels, class_labels=class_labels).loss
+    with autocast:
+      loss = model(pixel_values=pixels, mask_labels=mask_labels, class_labels=class_labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+      torch.cuda.synchronize()
 
   host_memory.release_freed_memory()
-  return {"seconds_per_step": median_seconds(run_step, warmup, steps)}
+  result = {"seconds_per_step": median_seconds(run_step, warmup, steps)}
+  if device.type == "cuda":
+    result["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+  return result
 
 
 def convert_weights(cfg, directory: str) -> dict:
@@ -179,7 +198,14 @@ def bench_jax(cfg, variables_dir: str, warmup: int, steps: int) -> dict:
     jax.block_until_ready(metrics["loss"])
 
   return {"seconds_per_step": median_seconds(run_step, warmup, steps),
-          "compile_seconds": compile_seconds}
+          "compile_seconds": compile_seconds, **_jax_peak_device_bytes()}
+
+
+def _jax_peak_device_bytes() -> dict:
+  """{'peak_device_bytes': n} from the first device's allocator, where it keeps statistics (GPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {"peak_device_bytes": stats["peak_bytes_in_use"]} if "peak_bytes_in_use" in stats else {}
 
 
 def bench_loss(cfg, full_resolution: bool, max_gb: float) -> dict:
@@ -204,15 +230,20 @@ def bench_loss(cfg, full_resolution: bool, max_gb: float) -> dict:
   ran = temp < max_gb * (1 << 30)
   if ran:
     jax.block_until_ready(compiled(outputs, batch, jax.random.key(0)))
-  return {"temp_bytes": int(temp), "points": int(cfg.loss.num_points), "ran": bool(ran)}
+  return {"temp_bytes": int(temp), "points": int(cfg.loss.num_points), "ran": bool(ran),
+          **_jax_peak_device_bytes()}
+
+
+def _config(args):
+  return make_config(args.small, args.max_targets, args.image_size, args.batch_size, args.dtype)
 
 
 def _child(args) -> None:
-  cfg = make_config(args.small, args.max_targets)
+  cfg = _config(args)
   if args.child == "convert":
     result = convert_weights(cfg, args.variables_dir)
   elif args.child.startswith("torch"):
-    result = bench_torch(cfg, args.warmup, args.steps)
+    result = bench_torch(cfg, args.platform, args.warmup, args.steps)
   elif args.child.startswith("jax"):
     result = bench_jax(cfg, args.variables_dir, args.warmup, args.steps)
   else:
@@ -221,13 +252,14 @@ def _child(args) -> None:
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(script: str, which: str, child_args: list, malloc: str = "") -> dict:
-  """Runs `script --child which *child_args` on the CPU in a subprocess; returns its RESULT dict.
+def run_child(script: str, which: str, child_args: list, malloc: str = "",
+              platform: str = "cpu") -> dict:
+  """Runs `script --child which *child_args` in a subprocess; returns its RESULT dict.
   `malloc`: 'huge' (transparent huge pages, as train.py runs), 'arena' (one arena keeping freed
-  memory) or anything else for glibc's defaults."""
+  memory) or anything else for glibc's defaults. `platform`: JAX's, 'cpu' or 'gpu' (CUDA)."""
   cmd = [sys.executable, os.path.abspath(script), "--child", which] + child_args
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.update(JAX_PLATFORMS="cuda" if platform == "gpu" else "cpu", TF_CPP_MIN_LOG_LEVEL="3")
   env[_ARENA_VARIABLE] = "1" if malloc == "arena" else "0"
   if malloc == "huge":
     env = host_memory.environment_with_huge_pages(env)
@@ -241,6 +273,13 @@ def run_child(script: str, which: str, child_args: list, malloc: str = "") -> di
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true", help="small model at 128x128 (quick)")
+  parser.add_argument("--platform", choices=("cpu", "gpu"), default="cpu",
+                      help="where both frameworks run (gpu: the first CUDA device)")
+  parser.add_argument("--image_size", type=int, default=0,
+                      help="square image side (default 384, 128 with --small)")
+  parser.add_argument("--batch_size", type=int, default=2, help="images per step")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype (parameters and losses stay float32)")
   parser.add_argument("--steps", type=int, default=3, help="timed steps")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
   parser.add_argument("--max_loss_gb", type=float, default=8.0,
@@ -255,40 +294,59 @@ def main() -> None:
   args = parser.parse_args()
   if args.steps < 1 or args.warmup < 0:
     parser.error("--steps must be >= 1 and --warmup >= 0")
+  if args.image_size < 0 or args.image_size % 32 or args.batch_size < 1:
+    parser.error("--image_size must be a multiple of 32 and --batch_size >= 1")
   if args.child:
     _child(args)
     return
-  cfg = make_config(args.small, args.max_targets)
+  cfg = _config(args)
+  gpu = args.platform == "gpu"
+  malloc_rows = (("", "glibc defaults"),) if gpu else (
+      ("", "glibc defaults"), ("_huge", "huge pages (train.py's default)"),
+      ("_arena", "one arena, freed memory kept"))
   with tempfile.TemporaryDirectory() as tmp:
     args.variables_dir = os.path.join(tmp, "variables")
     child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--variables_dir", args.variables_dir, "--max_loss_gb", str(args.max_loss_gb),
-                  "--max_targets", str(args.max_targets)] + (["--small"] if args.small else [])
-    results = {name: run_child(__file__, name, child_args, malloc=name.partition("_")[2])
-               for name in ("convert", "jax", "torch", "jax_huge", "torch_huge", "jax_arena",
-                            "torch_arena", "loss_points", "loss_full")}
+                  "--max_targets", str(args.max_targets), "--platform", args.platform,
+                  "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
+                  "--dtype", args.dtype] + (["--small"] if args.small else [])
+    results = {"convert": run_child(__file__, "convert", child_args)}
+    for suffix, _ in malloc_rows:
+      for framework in ("jax", "torch"):
+        results[framework + suffix] = run_child(__file__, framework + suffix, child_args,
+                                                malloc=suffix[1:], platform=args.platform)
+    for name in ("loss_points", "loss_full"):
+      results[name] = run_child(__file__, name, child_args, platform=args.platform)
+  _print_tables(args, cfg, malloc_rows, results)
+
+
+def _print_tables(args, cfg, malloc_rows, results: dict) -> None:
   gb = 1 << 30
+  gpu = args.platform == "gpu"
+  memory = "peak_device_bytes" if gpu else "peak_rss_bytes"
+  memory_label = "peak device memory GB" if gpu else "peak RSS GB"
   h, w = cfg.data.image_size
-  print(f"\nTrain step, CPU ({os.cpu_count()} cores), {'small Swin' if args.small else 'Swin-T'} "
-        f"Mask2Former, {h}x{w}, batch {cfg.batch_size}, {cfg.data.max_targets} target slots (5 real), "
+  where = "GPU" if gpu else f"CPU ({os.cpu_count()} cores)"
+  print(f"\nTrain step, {where}, {'small Swin' if args.small else 'Swin-T'} Mask2Former, {h}x{w}, "
+        f"batch {cfg.batch_size}, {cfg.model.dtype}, {cfg.data.max_targets} target slots (5 real), "
         f"median of {args.steps} steps:")
-  print("| malloc | m2f_jax s/step | transformers s/step | PyTorch / JAX time | m2f_jax peak RSS GB "
-        "| transformers peak RSS GB |")
+  print(f"| malloc | m2f_jax s/step | transformers s/step | PyTorch / JAX time | m2f_jax {memory_label} "
+        f"| transformers {memory_label} |")
   print("|---|---|---|---|---|---|")
-  for suffix, label in (("", "glibc defaults"), ("_huge", "huge pages (train.py's default)"),
-                        ("_arena", "one arena, freed memory kept")):
+  for suffix, label in malloc_rows:
     ours, theirs = results["jax" + suffix], results["torch" + suffix]
-    print(f"| {label} | {ours['seconds_per_step']:.2f} (compile {ours['compile_seconds']:.0f} s) | "
-          f"{theirs['seconds_per_step']:.2f} | "
+    print(f"| {label} | {ours['seconds_per_step']:.3f} (compile {ours['compile_seconds']:.0f} s) | "
+          f"{theirs['seconds_per_step']:.3f} | "
           f"{theirs['seconds_per_step'] / ours['seconds_per_step']:.2f} | "
-          f"{ours['peak_rss_bytes'] / gb:.2f} | {theirs['peak_rss_bytes'] / gb:.2f} |")
-  print("\nCriterion + gradient (compiled temp memory / process peak RSS):")
-  print("| | points per mask | temp (GB) | peak RSS (GB) |")
+          f"{ours[memory] / gb:.2f} | {theirs[memory] / gb:.2f} |")
+  print(f"\nCriterion + gradient (compiled temp memory / {memory_label}):")
+  print(f"| | points per mask | temp (GB) | {memory_label} |")
   print("|---|---|---|---|")
   for name, label in (("loss_points", "point-sampled"), ("loss_full", "full resolution")):
     r = results[name]
-    rss = f"{r['peak_rss_bytes'] / gb:.2f}" if r["ran"] else f"not run (> {args.max_loss_gb} GB)"
-    print(f"| {label} | {r['points']} | {r['temp_bytes'] / gb:.3f} | {rss} |")
+    peak = f"{r[memory] / gb:.2f}" if r["ran"] else f"not run (> {args.max_loss_gb} GB)"
+    print(f"| {label} | {r['points']} | {r['temp_bytes'] / gb:.3f} | {peak} |")
 
 
 if __name__ == "__main__":
