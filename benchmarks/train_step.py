@@ -301,7 +301,7 @@ def main() -> None:
     return
   cfg = _config(args)
   gpu = args.platform == "gpu"
-  malloc_rows = (("", "glibc defaults"),) if gpu else (
+  malloc_rows = (("", "GPU, framework defaults"),) if gpu else (
       ("", "glibc defaults"), ("_huge", "huge pages (train.py's default)"),
       ("_arena", "one arena, freed memory kept"))
   with tempfile.TemporaryDirectory() as tmp:
@@ -331,8 +331,8 @@ def _print_tables(args, cfg, malloc_rows, results: dict) -> None:
   print(f"\nTrain step, {where}, {'small Swin' if args.small else 'Swin-T'} Mask2Former, {h}x{w}, "
         f"batch {cfg.batch_size}, {cfg.model.dtype}, {cfg.data.max_targets} target slots (5 real), "
         f"median of {args.steps} steps:")
-  print(f"| malloc | m2f_jax s/step | transformers s/step | PyTorch / JAX time | m2f_jax {memory_label} "
-        f"| transformers {memory_label} |")
+  print(f"| {'run' if gpu else 'malloc'} | m2f_jax s/step | transformers s/step | PyTorch / JAX time "
+        f"| m2f_jax {memory_label} | transformers {memory_label} |")
   print("|---|---|---|---|---|---|")
   for suffix, label in malloc_rows:
     ours, theirs = results["jax" + suffix], results["torch" + suffix]

@@ -10,8 +10,9 @@ import pytest
 from m2f_jax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not host_memory.glibc_available(),
-                                reason="needs Linux and glibc")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not host_memory.glibc_available(),
+    reason="needs Linux and glibc")
 needs_huge_pages = pytest.mark.skipif(not host_memory.transparent_huge_pages_available(),
                                       reason="needs transparent huge pages ('always' or 'madvise')")
 
@@ -41,8 +42,8 @@ faults_of_fresh_buffer()
 print(faults_of_fresh_buffer())
 """
 
-# Fills 256 MB of 64 KB heap blocks and frees all but the last (which keeps the heap's top, so free()
-# itself trims nothing); prints the MB of resident memory release_freed_memory() gives back.
+# Fills 256 MB of 64 KB heap blocks and frees all but the last (which keeps the heap's top, so
+# free() itself trims nothing); prints the MB of resident memory release_freed_memory() gives back.
 TRIM = """
 import ctypes
 import os
