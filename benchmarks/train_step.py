@@ -20,7 +20,7 @@ Each measurement runs in its own subprocess so its peak resident memory (ru_maxr
          full-resolution masks); XLA's compiled temp memory, and the peak RSS of running it when
          that fits in --max_loss_gb
 Both frameworks return the memory freed during setup to the kernel before the steps
-(host_memory.release_freed_memory, as train.py does after compiling its step).
+(host_memory.release_freed_memory; for our step through step.compile_step, as train.py does).
 Seconds per step are the median of --steps timed steps after --warmup untimed ones. On a GPU the
 malloc rows are left out and memory is each framework's peak device memory (JAX's allocator
 statistics, torch.cuda.max_memory_allocated) instead of the process's peak RSS.
@@ -188,9 +188,8 @@ def bench_jax(cfg, variables_dir: str, warmup: int, steps: int) -> dict:
                                         jax.random.key(0))
   batch = parallel.global_batch(make_batch(cfg), mesh)
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  compiled = step_lib.compile_step(train_step, state, batch)
   compile_seconds = time.perf_counter() - start
-  host_memory.release_freed_memory()
   holder = {"state": state}
 
   def run_step():

@@ -22,14 +22,18 @@ host_memory.relaunch_with_huge_pages()
 import os, sys
 print(os.environ.get("GLIBC_TUNABLES", ""), *sys.argv[1:])
 """
-# Mallocs, fills and frees 256 MB twice (as XLA:CPU does a step's temp buffer); prints the page
-# faults of the second round (65,536 pages of 4 KB when malloc handed the memory back to the OS).
-PROBE = """
+# malloc and free from libc, for the probes below (each runs in a fresh process).
+LIBC = """
 import ctypes
-import resource
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+"""
+# Mallocs, fills and frees 256 MB twice (as XLA:CPU does a step's temp buffer); prints the page
+# faults of the second round (65,536 pages of 4 KB when malloc handed the memory back to the OS).
+PROBE = LIBC + """
+import resource
 
 def faults_of_fresh_buffer(size=1 << 28):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -44,14 +48,9 @@ print(faults_of_fresh_buffer())
 
 # Fills 256 MB of 64 KB heap blocks and frees all but the last (which keeps the heap's top, so
 # free() itself trims nothing); prints the MB of resident memory release_freed_memory() gives back.
-TRIM = """
-import ctypes
+TRIM = LIBC + """
 import os
 from m2f_jax import host_memory
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
 
 def resident_mb():
   with open("/proc/self/statm") as f:

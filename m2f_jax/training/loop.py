@@ -11,7 +11,6 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from m2f_jax import host_memory
 from m2f_jax import parallel
 from m2f_jax import variables_io
 from m2f_jax.training import checkpointing
@@ -136,14 +135,6 @@ def _initial_state(cfg, model, tx, mesh, ckpt, init_key) -> state_lib.TrainState
   return jax.jit(init_fn, out_shardings=replicated)(init_key)
 
 
-def _compile_step(train_step, state: state_lib.TrainState, batch: dict):
-  """`train_step` compiled for these arguments' shapes and shardings; the memory the compiler
-  freed is then returned to the kernel so that it does not add to every step's peak."""
-  compiled = train_step.lower(state, batch).compile()
-  host_memory.release_freed_memory()
-  return compiled
-
-
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, model: Optional[Any] = None,
           loss_fn: Optional[step_lib.LossFn] = None,
           make_iterator: Optional[IteratorFn] = None) -> tuple[state_lib.TrainState, bool]:
@@ -194,7 +185,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model: Optional[Any] 
     while step < cfg.total_steps:
       batch = parallel.global_batch(next(batches), mesh)
       if compiled_step is None:
-        compiled_step = _compile_step(train_step, state, batch)
+        compiled_step = step_lib.compile_step(train_step, state, batch)
       state, metrics = compiled_step(state, batch)
       step += 1
       bar.update(1)

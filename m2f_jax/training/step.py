@@ -7,6 +7,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from m2f_jax import host_memory
 from m2f_jax import parallel
 from m2f_jax.training.state import TrainState
 
@@ -75,3 +76,11 @@ def make_train_step(model: Any, loss_fn: LossFn, tx: optax.GradientTransformatio
   replicated = parallel.replicated(mesh)
   return jax.jit(step_fn, in_shardings=(replicated, parallel.data_sharded(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def compile_step(train_step, state: TrainState, batch: Mapping[str, jax.Array]):
+  """`make_train_step`'s step compiled for these arguments' shapes and shardings. The memory the
+  compiler freed is then returned to the kernel, so that it does not add to every step's peak."""
+  compiled = train_step.lower(state, batch).compile()
+  host_memory.release_freed_memory()
+  return compiled
