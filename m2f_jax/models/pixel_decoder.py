@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2f_jax.models.layer_norm import LayerNorm
 from m2f_jax.models.ms_deform_attn import MSDeformAttn
 from m2f_jax.models.position import sine_position_embedding
 
@@ -33,8 +34,8 @@ def _group_norm(num_groups: int, name: str) -> nn.GroupNorm:
   return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, name=name)
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
+def _layer_norm(name: str) -> LayerNorm:
+  return LayerNorm(epsilon=1e-5, name=name)
 
 
 def encoder_reference_points(spatial_shapes: Tuple[Tuple[int, int], ...]) -> jnp.ndarray:

@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2f_jax.models.layer_norm import LayerNorm
+
 LAYER_NORM_EPS = 1e-5
 MASKED_LOGIT = -100.0  # the authors' value for attention across shifted-window regions
 
 
-def _layer_norm(dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+def _layer_norm(dtype, name: str) -> LayerNorm:
+  return LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def _dense(features: int, dtype, name: str, use_bias: bool = True) -> nn.Dense:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from m2f_jax.models.bilinear import resize_bilinear
+from m2f_jax.models.layer_norm import LayerNorm
 from m2f_jax.models.position import sine_position_embedding
 
 NUM_LEVELS = 3
@@ -83,7 +84,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, queries: jnp.ndarray, query_pos: jnp.ndarray, memory: jnp.ndarray,
                memory_pos: jnp.ndarray, blocked: jnp.ndarray) -> jnp.ndarray:
     """queries, query_pos [B, Q, D]; memory, memory_pos [B, N, D]; blocked [B, Q, N] -> [B, Q, D]."""
-    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
+    norm = lambda name: LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
     attention = lambda name: MultiHeadAttention(self.hidden_dim, self.num_heads, self.dtype, name=name)
 
     x = queries
@@ -111,7 +112,7 @@ class PredictionHead(nn.Module):
   @nn.compact
   def __call__(self, queries: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """queries [B, Q, D] -> (class logits [B, Q, K+1], mask embedding [B, Q, mask_dim])."""
-    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="decoder_norm")(queries)
+    x = LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="decoder_norm")(queries)
     class_logits = torch_linear(self.num_classes + 1, self.hidden_dim, self.dtype, "class_embed")(x)
     embedding = x
     for i, width in enumerate((self.hidden_dim, self.hidden_dim, self.mask_dim)):
