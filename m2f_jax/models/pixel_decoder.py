@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2f_jax.models.layer_norm import LayerNorm
+from m2f_jax.models.lean_backward import LayerNorm
 from m2f_jax.models.ms_deform_attn import MSDeformAttn
 from m2f_jax.models.position import sine_position_embedding
 

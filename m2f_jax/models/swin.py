@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2f_jax.models.layer_norm import LayerNorm
+from m2f_jax.models.lean_backward import LayerNorm, softmax
 
 LAYER_NORM_EPS = 1e-5
 MASKED_LOGIT = -100.0  # the authors' value for attention across shifted-window regions
@@ -136,7 +136,7 @@ class WindowAttention(nn.Module):
     q, k, v = (x.reshape(b, nw, n, self.num_heads, head_dim) for x in jnp.split(qkv, 3, axis=-1))
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
     logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32) + bias
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = softmax(logits).astype(self.dtype)
     out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v).reshape(b, nw, n, c)
     return _dense(c, self.dtype, "proj")(out)
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from m2f_jax.models.bilinear import resize_bilinear
-from m2f_jax.models.layer_norm import LayerNorm
+from m2f_jax.models.lean_backward import LayerNorm, softmax
 from m2f_jax.models.position import sine_position_embedding
 
 NUM_LEVELS = 3
@@ -67,7 +67,7 @@ class MultiHeadAttention(nn.Module):
     logits = jnp.einsum("bqhd,bnhd->bhqn", q, k, preferred_element_type=jnp.float32)
     if blocked is not None:
       logits = jnp.where(blocked[:, None], -jnp.inf, logits)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = softmax(logits).astype(self.dtype)
     out = jnp.einsum("bhqn,bnhd->bqhd", weights, v)
     out = out.reshape(out.shape[:-2] + (self.hidden_dim,))
     return dense("out", XAVIER_INIT)(out)

@@ -1,12 +1,12 @@
-"""m2f_jax's LayerNorm against torch.nn.LayerNorm (values and gradients), its dtypes, and the
-memory its hand-written backward saves over autodiff through flax's nn.LayerNorm."""
+"""m2f_jax's LayerNorm and softmax against PyTorch's (values and gradients), and the memory their
+hand-written backward passes save over autodiff through flax's nn.LayerNorm and jax.nn.softmax."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from m2f_jax.models.layer_norm import LayerNorm
+from m2f_jax.models.lean_backward import LayerNorm, softmax
 
 C = 48
 
@@ -57,11 +57,11 @@ def test_dtypes_follow_flax():
   assert grad.dtype == jnp.bfloat16
 
 
-def _stack_temp_bytes(norm) -> int:
-  """Compiled temp memory of the gradient of six (norm -> tanh) layers on [4096, C]."""
+def _stack_temp_bytes(layer_fn) -> int:
+  """Compiled temp memory of the gradient of six (layer_fn -> tanh) layers on [4096, C]."""
   def loss(params, x):
     for _ in range(6):
-      x = jnp.tanh(norm.apply(params, x))
+      x = jnp.tanh(layer_fn(params, x))
     return jnp.sum(x)
 
   x = jnp.ones((4096, C))
@@ -69,8 +69,30 @@ def _stack_temp_bytes(norm) -> int:
   return grad.memory_analysis().temp_size_in_bytes
 
 
-def test_backward_keeps_less_than_autodiff_through_flax():
-  ours = _stack_temp_bytes(LayerNorm())
-  autodiff = _stack_temp_bytes(nn.LayerNorm(use_fast_variance=False))
+def test_layer_norm_backward_keeps_less_than_autodiff_through_flax():
+  ours = _stack_temp_bytes(LayerNorm().apply)
+  autodiff = _stack_temp_bytes(nn.LayerNorm(use_fast_variance=False).apply)
+  layer = 4096 * C * 4
+  assert ours <= autodiff - 3 * layer, (ours / layer, autodiff / layer)
+
+
+def test_softmax_matches_torch_with_masked_entries():
+  rng = np.random.default_rng(4)
+  logits = (rng.normal(size=(3, 4, 9)) * 5).astype(np.float32)
+  logits[..., 2] = -np.inf  # a masked key, as the decoder's masked attention writes it
+  grad_w = rng.normal(size=logits.shape).astype(np.float32)
+  weights, vjp = jax.vjp(softmax, jnp.asarray(logits))
+  (grad_logits,) = vjp(jnp.asarray(grad_w))
+  logits_t = torch.tensor(logits, requires_grad=True)
+  weights_t = torch.softmax(logits_t, dim=-1)
+  weights_t.backward(torch.tensor(grad_w))
+  np.testing.assert_allclose(weights, weights_t.detach().numpy(), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(grad_logits, logits_t.grad.numpy(), rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(weights)[..., 2] == 0) and np.all(np.asarray(grad_logits)[..., 2] == 0)
+
+
+def test_softmax_backward_keeps_less_than_autodiff_through_jax_nn():
+  ours = _stack_temp_bytes(lambda p, x: softmax(x * p["params"]["scale"]))
+  autodiff = _stack_temp_bytes(lambda p, x: jax.nn.softmax(x * p["params"]["scale"], axis=-1))
   layer = 4096 * C * 4
   assert ours <= autodiff - 3 * layer, (ours / layer, autodiff / layer)
