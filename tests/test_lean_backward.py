@@ -25,7 +25,7 @@ def test_init_gives_flax_layer_norm_params():
   jax.tree.map(np.testing.assert_array_equal, ours, flax_)
 
 
-def test_values_and_gradients_match_torch():
+def test_layer_norm_values_and_gradients_match_torch():
   rng = np.random.default_rng(0)
   # A large common offset: a one-pass variance (E[x^2] - E[x]^2) would lose digits here.
   x = (rng.normal(size=(2, 5, 7, C)) * 3 + 40).astype(np.float32)
@@ -48,7 +48,7 @@ def test_values_and_gradients_match_torch():
   np.testing.assert_allclose(grad_vars["params"]["bias"], ref.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_dtypes_follow_flax():
+def test_layer_norm_dtypes_follow_flax():
   x = jnp.ones((4, C), jnp.bfloat16)
   variables = _params(2)
   assert LayerNorm().apply(variables, x).dtype == jnp.float32  # promoted with the float32 params
