@@ -31,8 +31,7 @@ def _sum_leading(x: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
   """x [..., C], scale and bias [C], all float32 -> x standardised over C * scale + bias."""
-  standardized, _ = _standardize(x, epsilon)
-  return standardized * scale + bias
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon):
