@@ -70,7 +70,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
       num_points=12544, oversample_ratio=3.0, importance_sample_ratio=0.75,
       matcher="hungarian",                     # 'hungarian' (in-graph) or 'scipy' (host callback)
-      slots_per_pass=8,                        # target slots per image in one mask-loss pass
+      # Target slots per image in one pass of the matching costs and the mask losses. With 1
+      # the mask losses' cost follows each image's real targets exactly: on CPU a Swin-T step
+      # (batch 2) went 5.87 -> 5.52 s with 5 targets per image, 6.05 -> 5.26 s with 11, against 8.
+      slots_per_pass=1,
   ))
 
   # ---------------------------------------------------------------- optimiser
