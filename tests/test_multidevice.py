@@ -86,9 +86,11 @@ def single(tmp_path_factory):
 def _compare(results, a, b, rtol, atol):
   """Loss, params and BN statistics of run `a` vs run `b`.
 
-  Parameter atol is a small fraction of one Adam step (~lr). Attention key biases are left out:
-  softmax ignores a shift shared by all keys, so their true gradient is zero and they move only
-  by rounding noise, which Adam scales up to a sizeable fraction of lr.
+  Parameter atol is 2% of one Adam step (lr 1e-3): Adam divides each gradient element by its own
+  magnitude plus eps, so an element whose gradient cancels to ~1e-4 of the typical one (seen:
+  6e-7 against a median of 1e-2) turns float rounding into ~1% of lr. Attention key biases are
+  left out: softmax ignores a shift shared by all keys, so their true gradient is zero and they
+  move only by rounding noise, which Adam scales up to a sizeable fraction of lr.
   """
   names = sorted(k[len(a):] for k in results if k.startswith(a) and not k.endswith("devices")
                  and not k.endswith("/key/bias"))
@@ -100,7 +102,7 @@ def _compare(results, a, b, rtol, atol):
 def test_eight_devices_equal_one(single):
   assert int(single["all/devices"]) == 8 and int(single["one/devices"]) == 1
   assert np.isfinite(single["all/loss"])
-  _compare(single, "all/", "one/", rtol=1e-4, atol=5e-6)
+  _compare(single, "all/", "one/", rtol=1e-4, atol=2e-5)
 
 
 def test_two_processes_of_four_equal_one_of_eight(single, tmp_path):
@@ -113,7 +115,7 @@ def test_two_processes_of_four_equal_one_of_eight(single, tmp_path):
   multi = dict(np.load(out))
   assert int(multi["all/devices"]) == 8
   both = {**{f"multi/{k}": v for k, v in multi.items()}, **{f"single/{k}": v for k, v in single.items()}}
-  _compare(both, "multi/all/", "single/all/", rtol=1e-4, atol=5e-6)
+  _compare(both, "multi/all/", "single/all/", rtol=1e-4, atol=2e-5)
 
 
 if __name__ == "__main__":
