@@ -187,8 +187,8 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
   """The matching of every prediction and image (no gradient).
 
   The costs come one prediction at a time (its [B, P, Q] point samples are the largest arrays of
-  the matching); within it, the cost columns come `loss.slots_per_pass` slots at a time, skipping
-  passes of padding slots. The L x B assignments then run as one batch: the solver's loop runs
+  the matching); within it, the cost columns come `loss.slots_per_pass` slots at a time, in a loop
+  over the passes that hold a target only. The L x B assignments then run as one batch: the solver's loop runs
   once for all of them instead of once per prediction.
 
   Args:
@@ -215,13 +215,13 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
     terms = jax.vmap(matcher.query_terms)(*inputs)
     points = inputs[2]
 
-    def pass_cost(index: jax.Array) -> jax.Array:
+    def pass_cost(index: jax.Array, cost: jax.Array) -> jax.Array:
       slots, _ = slot_passes.pass_slots(index, per_pass, num_slots)
-      return costs(terms, labels[:, slots], segment_ids, points, slots)  # [B, Q, per_pass]
+      columns = costs(terms, labels[:, slots], segment_ids, points, slots)  # [B, Q, per_pass]
+      return cost.at[:, :, slots].set(columns)  # a repeated slot M - 1 gets the same column
 
-    no_cost = jnp.zeros((batch_size, num_queries, per_pass))
-    cost = slot_passes.map_passes(pass_cost, labels >= 0, per_pass, no_cost)  # [passes, B, Q, N]
-    return jnp.moveaxis(cost, 0, -2).reshape(batch_size, num_queries, -1)[..., :num_slots]
+    no_cost = jnp.zeros((batch_size, num_queries, num_slots))  # padding slots are never matched
+    return slot_passes.fold_occupied_passes(pass_cost, labels >= 0, per_pass, no_cost)
 
   cost = jax.lax.map(prediction_cost, (class_logits, mask_logits, matcher_points))  # [L, B, Q, M]
   return assign(cost, jnp.broadcast_to(labels >= 0, cost.shape[:2] + labels.shape[1:]))

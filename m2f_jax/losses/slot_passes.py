@@ -2,7 +2,8 @@
 
 A batch pads its targets to M slots (`data.max_targets`, 100 for COCO) but a typical image has
 a handful. Running the per-slot work (matching-cost columns, mask losses) `per_pass` slots at a
-time under `lax.cond` makes its cost follow the slots in use rather than M, with static shapes.
+time, in a loop over the passes that hold a slot in use, makes its cost follow the slots in use
+rather than M, with static shapes.
 """
 from typing import Any, Callable, Tuple
 
@@ -23,28 +24,6 @@ def pass_slots(index: jax.Array, per_pass: int, num_slots: int) -> Tuple[jax.Arr
   return jnp.minimum(slots, num_slots - 1), slots < num_slots
 
 
-def map_passes(run_pass: Callable[[jax.Array, Any], Any], occupied: jax.Array, per_pass: int,
-               skipped: Any) -> Any:
-  """[run_pass(index) for each pass], stacked along a new leading axis.
-
-  Args:
-    run_pass: index int32 [] -> pytree shaped like `skipped`.
-    occupied: bool [..., M]; a pass whose slots are all False returns `skipped` unrun.
-    per_pass: slots per pass.
-    skipped: the result of an unrun pass (zeros).
-
-  Returns:
-    pytree with leading axis num_passes(M, per_pass).
-  """
-  num_slots = occupied.shape[-1]
-
-  def one_pass(index):
-    slots, _ = pass_slots(index, per_pass, num_slots)
-    return jax.lax.cond(jnp.any(occupied[..., slots]), lambda: run_pass(index), lambda: skipped)
-
-  return jax.lax.map(one_pass, jnp.arange(num_passes(num_slots, per_pass), dtype=jnp.int32))
-
-
 def fold_occupied_passes(update: Callable[[jax.Array, Any], Any], occupied: jax.Array,
                          per_pass: int, init: Any) -> Any:
   """`update(index, carry)` applied to `init` for each pass holding an occupied slot, in order.
@@ -63,7 +42,7 @@ def fold_occupied_passes(update: Callable[[jax.Array, Any], Any], occupied: jax.
   passes = jnp.arange(num_passes(num_slots, per_pass), dtype=jnp.int32)[:, None]
   slots, _ = pass_slots(passes, per_pass, num_slots)  # [passes, per_pass]
   by_pass = occupied.reshape(-1, num_slots)[:, slots]  # [rest, passes, per_pass]
-  pass_occupied = jnp.any(by_pass, axis=(0, 2))  # [passes], as map_passes decides it
+  pass_occupied = jnp.any(by_pass, axis=(0, 2))  # [passes]
   order = jnp.argsort(~pass_occupied, stable=True).astype(jnp.int32)  # occupied passes first
   return jax.lax.fori_loop(0, jnp.sum(pass_occupied, dtype=jnp.int32),
                            lambda k, carry: update(order[k], carry), init)
