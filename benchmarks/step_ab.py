@@ -79,7 +79,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--a", nargs="+", default=[], help="overrides of variant A: key=value ...")
   parser.add_argument("--b", nargs="+", default=[], help="overrides of variant B: key=value ...")
-  parser.add_argument("--rounds", type=int, default=9, help="rounds of one step each (first untimed)")
+  parser.add_argument("--rounds", type=int, default=9,
+                      help="rounds of one step per variant (the first untimed)")
   parser.add_argument("--targets", type=int, default=5, help="real targets per image")
   parser.add_argument("--small", action="store_true", help="train_step.py's small model")
   args = parser.parse_args()

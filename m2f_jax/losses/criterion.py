@@ -188,8 +188,8 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
 
   The costs come one prediction at a time (its [B, P, Q] point samples are the largest arrays of
   the matching); within it, the cost columns come `loss.slots_per_pass` slots at a time, in a loop
-  over the passes that hold a target only. The L x B assignments then run as one batch: the solver's loop runs
-  once for all of them instead of once per prediction.
+  over the passes that hold a target only. The L x B assignments then run as one batch: the
+  solver's loop runs once for all of them instead of once per prediction.
 
   Args:
     outputs: 'class_logits' [L, B, Q, K+1], 'mask_logits' [L, B, Q, h, w].
