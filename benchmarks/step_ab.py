@@ -67,10 +67,9 @@ def compiled_step(cfg, batch, mesh):
   from m2f_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   model = build_model(cfg)
   tx, schedule = optimizer.build_optimizer(cfg)
-  state = jax.jit(lambda key: state_lib.create_train_state(
-      state_lib.init_variables(model, key, tuple(cfg.data.image_size)), tx),
-                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
-  step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg), tx, schedule, mesh,
+  state = state_lib.train_state_initializer(model, tx, tuple(cfg.data.image_size),
+                                            parallel.replicated(mesh))(jax.random.key(0))
+  step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg, mesh), tx, schedule, mesh,
                                   jax.random.key(0))
   return step_lib.compile_step(step, state, batch), state
 

@@ -184,8 +184,8 @@ def bench_jax(cfg, variables_dir: str, warmup: int, steps: int) -> dict:
   tx, schedule = optimizer.build_optimizer(cfg)
   state = jax.jit(lambda v: state_lib.create_train_state(v, tx),
                   out_shardings=parallel.replicated(mesh))(variables)
-  train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg), tx, schedule, mesh,
-                                        jax.random.key(0))
+  train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg, mesh), tx, schedule,
+                                        mesh, jax.random.key(0))
   batch = parallel.global_batch(make_batch(cfg), mesh)
   start = time.perf_counter()
   compiled = step_lib.compile_step(train_step, state, batch)
@@ -210,6 +210,7 @@ def _jax_peak_device_bytes() -> dict:
 def bench_loss(cfg, full_resolution: bool, max_gb: float) -> dict:
   """Temp memory of the compiled criterion + gradient; runs it when that is below `max_gb`."""
   import jax  # pylint: disable=g-import-not-at-top
+  from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
   from m2f_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   h, w = cfg.data.image_size
   if full_resolution:
@@ -221,7 +222,7 @@ def bench_loss(cfg, full_resolution: bool, max_gb: float) -> dict:
                                           np.float32),
       "mask_logits": rng.standard_normal((layers, cfg.batch_size, q, h // 4, w // 4), np.float32)}
   batch = make_batch(cfg)
-  loss_fn = step_lib.default_loss_fn(cfg)
+  loss_fn = step_lib.default_loss_fn(cfg, parallel.make_mesh())
   grad = jax.jit(jax.grad(lambda o, b, k: loss_fn(o, b, k)[0]))
   compiled = grad.lower(outputs, batch, jax.random.key(0)).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes

@@ -70,10 +70,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
       num_points=12544, oversample_ratio=3.0, importance_sample_ratio=0.75,
       matcher="hungarian",                     # 'hungarian' (in-graph) or 'scipy' (host callback)
-      # Target slots per image in one pass of the matching costs and the mask losses. With 1
-      # the mask losses' cost follows each image's real targets exactly: on CPU a Swin-T step
-      # (batch 2) took 5.26 s against 5.73 s with 8 for 5 targets per image, 5.55 against 6.13 s
-      # for 11 (benchmarks/step_ab.py).
+      # Target slots per image in one pass of the matching costs; a pass of the mask losses takes
+      # (images per device) x this many of the device's matched (image, target) pairs, packed
+      # across its images. With 1 the mask losses' cost follows the real targets exactly: on CPU
+      # a Swin-T step (batch 2) took 5.26 s against 5.73 s with 8 for 5 targets per image, 5.55
+      # against 6.13 s for 11 (benchmarks/step_ab.py).
       slots_per_pass=1,
   ))
 

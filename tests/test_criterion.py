@@ -9,6 +9,7 @@ from transformers.models.mask2former import modeling_mask2former as hf
 
 from m2f_jax.losses import criterion
 from m2f_jax.losses import point_sampling
+from m2f_jax.losses import slot_passes
 from tests import torch_reference
 
 NUM_LAYERS, BATCH, QUERIES, CLASSES = 10, 2, 12, 5
@@ -238,6 +239,37 @@ def test_slot_passes_only_split_the_work(parity_case):
     np.testing.assert_allclose(float(total), float(parity_case["total"]), rtol=1e-6)
     for grad, expected in zip(grads, parity_case["grads"]):
       np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_used_pairs_are_packed_across_images():
+  """Every used (image, slot) pair once, in ceil(used pairs / per_pass) passes, however the pairs
+  spread over the images; the last pass may reach past B x M."""
+  def visit(images, slots, real, carry):
+    visits, passes = carry
+    return visits.at[images, slots].add(real.astype(jnp.int32)), passes + 1
+
+  rng = np.random.default_rng(4)
+  for shape, per_pass in (((2, 12), 4), ((2, 3), 4), ((3, 5), 1)):
+    used = rng.uniform(size=shape) < 0.5
+    used[0] = False  # an image without targets
+    used[1, 0] = True
+    visits, passes = jax.jit(
+        lambda u, p=per_pass: slot_passes.fold_used_pairs(
+            visit, u, p, (jnp.zeros(u.shape, jnp.int32), jnp.int32(0))))(used)
+    assert int(passes) == -(-used.sum() // per_pass)
+    assert np.all(np.asarray(visits)[used] == 1) and np.asarray(visits).max() == 1
+
+
+def test_drawn_points_do_not_depend_on_the_packing():
+  """Each pair's points come from its image and slot: other pass sizes give the same loss."""
+  rng = np.random.default_rng(5)
+  outputs = {"class_logits": rng.normal(size=(2, BATCH, QUERIES, CLASSES + 1)),
+             "mask_logits": rng.normal(size=(2, BATCH, QUERIES, HEIGHT // 4, WIDTH // 4))}
+  batch = {"labels": LABELS, "segment_ids": _segment_ids(rng, LABELS)}
+  totals = [float(jax.jit(lambda o, p=per_pass: criterion.mask2former_loss(
+      o, batch, jax.random.key(0), _loss_cfg(slots_per_pass=p), CLASSES)[0])(outputs))
+            for per_pass in (1, 3)]
+  np.testing.assert_allclose(totals[0], totals[1], rtol=1e-6)
 
 
 def test_no_targets_is_finite_and_compiles_once(parity_case, loss_and_grad):

@@ -47,10 +47,9 @@ def worker(mode: str, out: str, process_id: int = 0, port: int = 0) -> None:
                                                process_count=jax.process_count()))
   results = {}
   for name, mesh in meshes.items():
-    init = jax.jit(lambda key: state_lib.create_train_state(
-        state_lib.init_variables(model, key, tuple(cfg.data.image_size)), tx),
-                   out_shardings=parallel.replicated(mesh))
-    train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg), tx, schedule,
+    init = state_lib.train_state_initializer(model, tx, tuple(cfg.data.image_size),
+                                             parallel.replicated(mesh))
+    train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg, mesh), tx, schedule,
                                           mesh, jax.random.key(1))
     state, metrics = train_step(init(jax.random.key(0)), parallel.global_batch(local, mesh))
     results[f"{name}/loss"] = np.asarray(metrics["loss"].addressable_data(0))

@@ -91,12 +91,11 @@ def setup():
   mesh = parallel.make_mesh()
   model = build_model(cfg)
   tx, schedule = optimizer.build_optimizer(cfg)
-  init = jax.jit(lambda key: state_lib.create_train_state(
-      state_lib.init_variables(model, key, tuple(cfg.data.image_size)), tx),
-                 out_shardings=parallel.replicated(mesh))
+  init = state_lib.train_state_initializer(model, tx, tuple(cfg.data.image_size),
+                                           parallel.replicated(mesh))
   step_key = jax.random.split(jax.random.key(cfg.seed))[1]  # as loop.train draws it
   train_step = step_lib.make_train_step(
-      model, nan_when_flagged(step_lib.default_loss_fn(cfg)), tx, schedule, mesh, step_key)
+      model, nan_when_flagged(step_lib.default_loss_fn(cfg, mesh)), tx, schedule, mesh, step_key)
   batch = next(synthetic_batches(cfg))
   return dict(cfg=cfg, mesh=mesh, init=init, step=train_step, batch=batch, tx=tx)
 
@@ -183,8 +182,9 @@ def test_init_from_starts_the_loop_from_those_variables(setup, tmp_path):
   variables_io.save_variables(str(tmp_path / "vars"), _host(start.variables))
   cfg = setup["cfg"].copy_and_resolve_references()
   cfg.init_from = str(tmp_path / "vars")
+  loss_fn = nan_when_flagged(step_lib.default_loss_fn(cfg, setup["mesh"]))
   final, finished = loop.train(cfg, str(tmp_path / "run"), make_iterator=synthetic_batches,
-                               loss_fn=nan_when_flagged(step_lib.default_loss_fn(cfg)))
+                               loss_fn=loss_fn)
   assert finished and int(final.step) == cfg.total_steps
   batches = synthetic_batches(cfg)
   expected = start
@@ -279,8 +279,8 @@ def main(workdir: str, checkpoint_every: int, seconds_per_batch: float) -> int:
       time.sleep(seconds_per_batch)
       yield batch
 
-  _, finished = loop.train(cfg, workdir, loss_fn=nan_when_flagged(step_lib.default_loss_fn(cfg)),
-                           make_iterator=batches)
+  loss_fn = nan_when_flagged(step_lib.default_loss_fn(cfg, parallel.make_mesh()))
+  _, finished = loop.train(cfg, workdir, loss_fn=loss_fn, make_iterator=batches)
   return 0 if finished else 143
 
 

@@ -6,11 +6,12 @@ uncertainty-sampled points, summed and divided by the number of real targets of 
 batch. Terms `loss_ce_{l}`, `loss_mask_{l}`, `loss_dice_{l}` (l = L - 1 is the final prediction)
 come weighted; the total is their sum. Everything is float32.
 
-Cost: the matching of all L x B images runs at once (small). The mask losses run over the target
-slots `loss.slots_per_pass` at a time, for all predictions and images together, in a loop over
-the passes that hold a matched target only, so their cost follows the real targets of the batch
-rather than `data.max_targets`. Each pass also computes its gradient with respect to the mask
-logits (a custom VJP), so no per-point array outlives its pass and nothing is recomputed.
+Cost: the matching of all L x B images runs at once (small). The mask losses run over the matched
+(image, target slot) pairs, packed across images and taken B x `loss.slots_per_pass` at a time
+for all predictions together, so their cost follows the batch's real targets rather than
+`data.max_targets` or its most crowded image; given the mesh, every device packs its own images.
+Each pass also computes its gradient with respect to the mask logits (a custom VJP), so no
+per-point array outlives its pass and nothing is recomputed.
 """
 import functools
 from typing import Dict, Mapping, Optional, Tuple
@@ -18,7 +19,10 @@ from typing import Dict, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from m2f_jax import parallel
 from m2f_jax.losses import matcher
 from m2f_jax.losses import point_sampling
 from m2f_jax.losses import slot_passes
@@ -82,67 +86,106 @@ def _pair_terms(logits: jax.Array, target: jax.Array
 
 def _mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
                     matched: jax.Array, rng: jax.Array, candidates: Optional[Points],
-                    loss_cfg: ml_collections.ConfigDict, with_gradients: bool):
-  """BCE and dice summed over the matched pairs, pass by pass over the occupied slot passes.
+                    loss_cfg: ml_collections.ConfigDict, with_gradients: bool,
+                    first_image: jax.Array = 0):
+  """BCE and dice summed over the matched pairs, pass by pass over the used (image, slot) pairs.
 
-  Each pass gathers its pairs' maps, picks their importance-sampled points (no gradient), and
-  evaluates the losses and, if asked, their gradients, which it scatter-adds into [L, B, Q, h, w]
-  buffers. Nothing per pass outlives it, and passes without a matched slot never run.
-  Arguments as `_mask_losses`; `with_gradients` also computes the gradient buffers.
+  Each pass takes B x `loss.slots_per_pass` (image, slot) pairs of the packed used ones, gathers
+  their maps in every prediction, picks their importance-sampled points (no gradient; drawn from
+  a key of the image and slot, so they do not depend on the packing) and evaluates the losses
+  and, if asked, their gradients, which it scatter-adds into [L, B, Q, h, w] buffers. Nothing per
+  pass outlives it. Arguments as `_mask_losses`; `with_gradients` also computes the gradients;
+  `first_image` is the batch index of image 0 here (the points' keys use batch indices).
 
   Returns:
     (bce [L], dice [L]) and, with gradients, (d bce, d dice): each [L, B, Q, h, w] holding the
     gradient of every layer's sum with respect to that layer's mask logits.
   """
-  num_layers, batch_size, num_queries, height, width = mask_logits.shape
+  num_layers, batch_size, _, height, width = mask_logits.shape
   num_slots = matched.shape[-1]
-  per_pass = loss_cfg.slots_per_pass
+  per_pass = batch_size * loss_cfg.slots_per_pass
   num_over, num_uncertain, num_fresh = point_sampling.num_points_split(
       loss_cfg.num_points, loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
-  pairs = num_layers * batch_size * per_pass
-  layer = jnp.arange(num_layers)[:, None, None]
-  image = jnp.arange(batch_size)[None, :, None]
+  pairs = num_layers * per_pass
+  layer = jnp.arange(num_layers)[:, None]
 
-  def pass_points(index: jax.Array, slots: jax.Array, maps: jax.Array) -> jax.Array:
-    """Importance-sampled points of the pass's pairs: [pairs, P, 2]."""
+  def draw_points(pair_key: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """One pair's candidates [L, P_over, 2] and fresh points [L, P_fresh, 2]."""
+    key_over, key_fresh = jax.random.split(pair_key)
+    return (jax.random.uniform(key_over, (num_layers, num_over, 2)),
+            jax.random.uniform(key_fresh, (num_layers, num_fresh, 2)))
+
+  def pass_points(images: jax.Array, slots: jax.Array, maps: jax.Array) -> jax.Array:
+    """Importance-sampled points of the pass's pairs: [L * per_pass, P, 2]."""
     if candidates is None:
-      key_over, key_fresh = jax.random.split(jax.random.fold_in(rng, index))
-      oversampled = jax.random.uniform(key_over, (pairs, num_over, 2))
-      fresh = jax.random.uniform(key_fresh, (pairs, num_fresh, 2))
+      pair_ids = (first_image + images) * num_slots + slots
+      keys = jax.vmap(lambda pair: jax.random.fold_in(rng, pair))(pair_ids)
+      oversampled, fresh = jax.vmap(draw_points, out_axes=1)(keys)  # [L, per_pass, *, 2] each
     else:
-      oversampled = jnp.take(candidates["oversampled"], slots, axis=2).reshape(pairs, -1, 2)
-      fresh = jnp.take(candidates["fresh"], slots, axis=2).reshape(pairs, -1, 2)
-    return point_sampling.importance_points(maps, oversampled, fresh, num_uncertain)
+      oversampled = jnp.asarray(candidates["oversampled"])[:, images, slots]
+      fresh = jnp.asarray(candidates["fresh"])[:, images, slots]
+    return point_sampling.importance_points(maps, oversampled.reshape(pairs, -1, 2),
+                                            fresh.reshape(pairs, -1, 2), num_uncertain)
 
-  def run_pass(index: jax.Array, carry):
-    slots, real = slot_passes.pass_slots(index, per_pass, num_slots)
-    queries = query_for_target[:, :, slots]  # [L, B, per_pass]
-    maps = mask_logits[layer, image, queries].reshape(pairs, height, width)
-    points = pass_points(index, slots, maps)  # [pairs, P, 2]
+  def run_pass(images: jax.Array, slots: jax.Array, real: jax.Array, carry):
+    queries = query_for_target[:, images, slots]  # [L, per_pass]
+    maps = mask_logits[layer, images, queries].reshape(pairs, height, width)
+    points = pass_points(images, slots, maps)  # [pairs, P, 2]
     logits, transpose = jax.vjp(lambda m: point_sampling.point_sample_each(m, points), maps)
-    target = jax.vmap(point_sampling.sample_targets, in_axes=(0, 1, None), out_axes=1)(
-        segment_ids, points.reshape(num_layers, batch_size, per_pass, -1, 2), slots)
+    target = jax.vmap(point_sampling.sample_targets, in_axes=(0, 1, 0), out_axes=1)(
+        segment_ids[images], points.reshape(num_layers, per_pass, -1, 2),
+        jnp.broadcast_to(slots[:, None], (per_pass, num_layers)))
     bce, dice, d_bce, d_dice = _pair_terms(logits, target.reshape(pairs, -1))
-    keep = (matched[:, :, slots] & real).reshape(pairs)  # a repeated slot M - 1 counts once
+    keep = (matched[:, images, slots] & real).reshape(pairs)  # a repeated pair counts once
     sums = tuple(s + jnp.sum(jnp.where(keep, t, 0.0).reshape(num_layers, -1), axis=1)
                  for s, t in zip(carry[0], (bce, dice)))
     if not with_gradients:
       return sums, ()
     cotangents = jnp.where(keep[:, None], jnp.stack([d_bce, d_dice]), 0.0)  # [2, pairs, P]
     grads = jax.vmap(lambda g: transpose(g)[0])(cotangents)
-    grads = grads.reshape(2, num_layers, batch_size, per_pass, height, width)
-    return sums, tuple(buffer.at[layer, image, queries].add(g)
+    grads = grads.reshape(2, num_layers, per_pass, height, width)
+    return sums, tuple(buffer.at[layer, images, queries].add(g)
                        for buffer, g in zip(carry[1], grads))
 
   zeros = jnp.zeros(num_layers, jnp.float32)
   buffers = (jnp.zeros_like(mask_logits),) * 2 if with_gradients else ()
-  return slot_passes.fold_occupied_passes(run_pass, matched, per_pass, ((zeros, zeros), buffers))
+  return slot_passes.fold_used_pairs(run_pass, jnp.any(matched, axis=0), per_pass,
+                                     ((zeros, zeros), buffers))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _sharded_mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array,
+                            query_for_target: jax.Array, matched: jax.Array, rng: jax.Array,
+                            candidates: Optional[Points], loss_cfg: ml_collections.ConfigDict,
+                            mesh: Optional[Mesh], with_gradients: bool):
+  """`_mask_loss_sums` with every device packing the pairs of its own images.
+
+  Under one jit over global arrays a device would run as many passes as the whole batch needs,
+  and packing pairs across images would gather mask logits from other devices. So with a `mesh`
+  the passes run under shard_map over its data axis: each device loops over its images' pairs
+  only, and the sums are added over devices. Without one, the whole batch is packed together.
+  """
+  args = (mask_logits, segment_ids, query_for_target, matched, rng, candidates)
+  if mesh is None:
+    return _mask_loss_sums(*args, loss_cfg, with_gradients)
+
+  def per_device(*local_args):
+    first_image = jax.lax.axis_index(parallel.DATA_AXIS) * local_args[0].shape[1]
+    sums, gradients = _mask_loss_sums(*local_args, loss_cfg, with_gradients, first_image)
+    return jax.lax.psum(sums, parallel.DATA_AXIS), gradients
+
+  by_image = P(None, parallel.DATA_AXIS)
+  in_specs = (by_image, P(parallel.DATA_AXIS), by_image, by_image, P(),
+              jax.tree.map(lambda _: by_image, candidates))
+  out_specs = (P(), (by_image, by_image) if with_gradients else ())
+  return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
                  matched: jax.Array, rng: jax.Array, candidates: Optional[Points],
-                 loss_cfg: ml_collections.ConfigDict) -> Tuple[jax.Array, jax.Array]:
+                 loss_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh]
+                 ) -> Tuple[jax.Array, jax.Array]:
   """Sums of BCE and dice over the matched pairs of every prediction.
 
   The gradient with respect to `mask_logits` is computed in the forward pass, while each slot
@@ -157,22 +200,23 @@ def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_targe
     rng: key of the drawn points (unused when `candidates` is given).
     candidates: None, or injected 'oversampled' [L, B, M, P_over, 2], 'fresh' [L, B, M, *, 2].
     loss_cfg: cfg.loss.
+    mesh: the data mesh the batch is sharded over, or None.
 
   Returns:
     (bce, dice) float32 [L], summed over the matched pairs of each prediction.
   """
-  return _mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, rng, candidates,
-                         loss_cfg, with_gradients=False)[0]
+  return _sharded_mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, rng,
+                                 candidates, loss_cfg, mesh, with_gradients=False)[0]
 
 
 def _mask_losses_forward(mask_logits, segment_ids, query_for_target, matched, rng, candidates,
-                         loss_cfg):
-  return _mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, rng, candidates,
-                         loss_cfg, with_gradients=True)
+                         loss_cfg, mesh):
+  return _sharded_mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, rng,
+                                 candidates, loss_cfg, mesh, with_gradients=True)
 
 
-def _mask_losses_backward(loss_cfg, gradients, cotangents):
-  del loss_cfg
+def _mask_losses_backward(loss_cfg, mesh, gradients, cotangents):
+  del loss_cfg, mesh
   d_bce, d_dice = gradients
   ct_bce, ct_dice = (c[:, None, None, None, None] for c in cotangents)
   return (ct_bce * d_bce + ct_dice * d_dice, None, None, None, None, None)
@@ -255,7 +299,8 @@ def _check_inputs(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.A
 
 def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                      rng: jax.Array, loss_cfg: ml_collections.ConfigDict, num_classes: int,
-                     points: Optional[Points] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                     points: Optional[Points] = None, mesh: Optional[Mesh] = None
+                     ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """The authors' Mask2Former criterion over all L predictions.
 
   Args:
@@ -266,6 +311,8 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
       importance_sample_ratio, matcher, slots_per_pass).
     num_classes: K.
     points: optional injected points with a leading L axis (see `Points`).
+    mesh: the mesh whose data axis shards the batch (train steps); each device then runs the mask
+      losses over its own images' targets. None: one device's view of the whole batch.
 
   Returns:
     total float32 [] and {'loss_ce_{l}', 'loss_mask_{l}', 'loss_dice_{l}': float32 []} (weighted).
@@ -291,7 +338,7 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
                                                        loss_cfg.no_object_weight))(
       class_logits, query_for_target, matched)
   bce, dice = _mask_losses(mask_logits, segment_ids, query_for_target, matched, pair_key,
-                           candidates, loss_cfg)
+                           candidates, loss_cfg, mesh)
   loss_ce = loss_cfg.class_weight * loss_ce
   loss_mask = loss_cfg.mask_weight * bce / num_masks
   loss_dice = loss_cfg.dice_weight * dice / num_masks

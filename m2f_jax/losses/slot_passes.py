@@ -1,9 +1,11 @@
 """Per-target-slot work in passes of a few slots, skipping the passes that hold no target.
 
 A batch pads its targets to M slots (`data.max_targets`, 100 for COCO) but a typical image has
-a handful. Running the per-slot work (matching-cost columns, mask losses) `per_pass` slots at a
-time, in a loop over the passes that hold a slot in use, makes its cost follow the slots in use
-rather than M, with static shapes.
+a handful. Running the per-slot work (matching-cost columns, mask losses) a few slots at a time,
+in a loop over the passes that hold a slot in use, makes its cost follow the slots in use rather
+than M, with static shapes. `fold_occupied_passes` takes the same slots of every image in a pass;
+`fold_used_pairs` packs the used (image, slot) pairs of all images, so an image with many targets
+does not make the others loop through their empty slots.
 """
 from typing import Any, Callable, Tuple
 
@@ -46,3 +48,30 @@ def fold_occupied_passes(update: Callable[[jax.Array, Any], Any], occupied: jax.
   order = jnp.argsort(~pass_occupied, stable=True).astype(jnp.int32)  # occupied passes first
   return jax.lax.fori_loop(0, jnp.sum(pass_occupied, dtype=jnp.int32),
                            lambda k, carry: update(order[k], carry), init)
+
+
+def fold_used_pairs(update: Callable[[jax.Array, jax.Array, jax.Array, Any], Any],
+                    used: jax.Array, per_pass: int, init: Any) -> Any:
+  """`update(images, slots, real, carry)` applied to `init` for the used pairs, `per_pass` a pass.
+
+  The pairs of all images are packed, used ones first (image-major), so the loop runs
+  ceil(used pairs / per_pass) times however they spread over the images. A pass may end with
+  unused pairs (its caller masks them) and, in the last pass, positions past B x M (`real`
+  False), which repeat the last pair.
+
+  Args:
+    update: (images int32 [per_pass], slots int32 [per_pass], real bool [per_pass], carry) -> carry.
+    used: bool [B, M].
+    per_pass: pairs per pass.
+    init: the initial carry.
+  """
+  num_slots = used.shape[-1]
+  flat = used.reshape(-1)
+  order = jnp.argsort(~flat, stable=True).astype(jnp.int32)  # used pairs first
+
+  def run_pass(index: jax.Array, carry: Any) -> Any:
+    position = index * per_pass + jnp.arange(per_pass, dtype=jnp.int32)
+    pair = order[jnp.minimum(position, flat.size - 1)]
+    return update(pair // num_slots, pair % num_slots, position < flat.size, carry)
+
+  return jax.lax.fori_loop(0, num_passes(jnp.sum(flat, dtype=jnp.int32), per_pass), run_pass, init)

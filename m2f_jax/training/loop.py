@@ -116,15 +116,9 @@ class _Logger:
 
 def _initial_state(cfg, model, tx, mesh, ckpt, init_key) -> state_lib.TrainState:
   """Latest checkpoint of the workdir, else `cfg.init_from` variables, else a fresh init."""
-  image_hw = tuple(cfg.data.image_size)
-
-  def init_fn(key):
-    return state_lib.create_train_state(state_lib.init_variables(model, key, image_hw), tx)
-
   replicated = parallel.replicated(mesh)
-  abstract = jax.eval_shape(init_fn, init_key)
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+  init = state_lib.train_state_initializer(model, tx, tuple(cfg.data.image_size), replicated)
+  abstract = jax.eval_shape(init, init_key)  # with the shardings
   if ckpt.latest_step() is not None:
     return ckpt.restore(abstract)
   if cfg.init_from is not None:
@@ -132,7 +126,7 @@ def _initial_state(cfg, model, tx, mesh, ckpt, init_key) -> state_lib.TrainState
     variables = variables_io.load_variables(cfg.init_from, target)
     create = jax.jit(lambda v: state_lib.create_train_state(v, tx), out_shardings=replicated)
     return create(variables)
-  return jax.jit(init_fn, out_shardings=replicated)(init_key)
+  return init(init_key)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, model: Optional[Any] = None,
@@ -154,7 +148,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model: Optional[Any] 
     from m2f_jax.models import build_model  # pylint: disable=g-import-not-at-top
     model = build_model(cfg)
   if loss_fn is None:
-    loss_fn = step_lib.default_loss_fn(cfg)
+    loss_fn = step_lib.default_loss_fn(cfg, mesh)
   if make_iterator is None:
     from m2f_jax.data import train_iterator as make_iterator  # pylint: disable=g-import-not-at-top
   is_chief = jax.process_index() == 0

@@ -39,6 +39,14 @@ def create_train_state(variables: Any, tx: optax.GradientTransformation) -> Trai
                     skipped=jnp.zeros((), jnp.int32))
 
 
+def train_state_initializer(model: Any, tx: optax.GradientTransformation,
+                            image_hw: tuple[int, int], sharding: Any = None):
+  """rng -> a fresh TrainState at step 0: `init_variables` and `tx.init` jit-compiled as one
+  program, its outputs placed with `sharding` (None: the default device)."""
+  return jax.jit(lambda rng: create_train_state(init_variables(model, rng, image_hw), tx),
+                 out_shardings=sharding)
+
+
 def init_variables(model: Any, rng: jax.Array, image_hw: tuple[int, int]) -> dict:
   """Model variables from `model.init` on one zero image [1, H, W, 3]; always has 'batch_stats'."""
   images = jnp.zeros((1, *image_hw, 3), jnp.uint8)

@@ -18,12 +18,13 @@ LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array],
 MODEL_INPUT_KEYS = ("image", "valid_hw", "labels", "segment_ids")
 
 
-def default_loss_fn(cfg: ml_collections.ConfigDict) -> LossFn:
-  """The Mask2Former criterion with cfg.loss and cfg.model.num_classes."""
+def default_loss_fn(cfg: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
+  """The Mask2Former criterion with cfg.loss and cfg.model.num_classes, for batches sharded over
+  `mesh` (each device runs the mask losses over its own images' targets)."""
   from m2f_jax.losses.criterion import mask2former_loss  # pylint: disable=g-import-not-at-top
 
   def loss_fn(outputs, batch, rng):
-    return mask2former_loss(outputs, batch, rng, cfg.loss, cfg.model.num_classes)
+    return mask2former_loss(outputs, batch, rng, cfg.loss, cfg.model.num_classes, mesh=mesh)
 
   return loss_fn
 
