@@ -9,9 +9,10 @@ come weighted; the total is their sum. Everything is float32.
 Cost: the matching of all L x B images runs at once (small). The mask losses run over the matched
 (image, target slot) pairs, packed across images and taken B x `loss.slots_per_pass` at a time
 for all predictions together, so their cost follows the batch's real targets rather than
-`data.max_targets` or its most crowded image; given the mesh, every device packs its own images.
-Each pass also computes its gradient with respect to the mask logits (a custom VJP), so no
-per-point array outlives its pass and nothing is recomputed.
+`data.max_targets` or its most crowded image. Given the mesh, every device matches and packs its
+own images only, so its loops are as long as they need. Each pass also computes its gradient with
+respect to the mask logits (a custom VJP), so no per-point array outlives its pass and nothing is
+recomputed.
 """
 import functools
 from typing import Dict, Mapping, Optional, Tuple
@@ -333,7 +334,16 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
   else:
     matcher_points = points["matcher"]
     candidates = {"oversampled": points["oversampled"], "fresh": points["fresh"]}
-  query_for_target, matched = match_predictions(outputs, batch, matcher_points, loss_cfg)
+  if mesh is None:
+    query_for_target, matched = match_predictions(outputs, batch, matcher_points, loss_cfg)
+  else:  # every device matches its own images, its cost loop as long as they need
+    by_image = P(None, parallel.DATA_AXIS)
+    query_for_target, matched = jax.shard_map(
+        functools.partial(match_predictions, loss_cfg=loss_cfg), mesh=mesh,
+        in_specs=(by_image, P(parallel.DATA_AXIS), by_image), out_specs=(by_image, by_image),
+        check_vma=False)(jax.lax.stop_gradient({"class_logits": class_logits,
+                                                "mask_logits": mask_logits}),
+                         {"labels": labels, "segment_ids": segment_ids}, matcher_points)
   loss_ce = jax.vmap(lambda cls, rows, ok: _class_loss(cls, labels, rows, ok,
                                                        loss_cfg.no_object_weight))(
       class_logits, query_for_target, matched)
