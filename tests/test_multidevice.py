@@ -2,9 +2,11 @@
 
 Each case runs in a subprocess (XLA_FLAGS must be set before JAX starts). Run as a script,
 `python tests/test_multidevice.py MODE OUT [PROCESS_ID PORT]` trains one step of the tiny
-sync-BN model on one global batch of 8 and writes the loss, params and BN statistics to OUT.
+sync-BN model on one global batch of 8 and writes the loss, params and BN statistics to OUT
+(and, for the 8-device mesh, the float all-gathers of its compiled step).
 """
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,7 +53,11 @@ def worker(mode: str, out: str, process_id: int = 0, port: int = 0) -> None:
                                              parallel.replicated(mesh))
     train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg, mesh), tx, schedule,
                                           mesh, jax.random.key(1))
-    state, metrics = train_step(init(jax.random.key(0)), parallel.global_batch(local, mesh))
+    state, batch = init(jax.random.key(0)), parallel.global_batch(local, mesh)
+    compiled = train_step.lower(state, batch).compile()
+    results[f"{name}/float_all_gathers"] = np.array(
+        re.findall(r"= ((?:f32|bf16|f16)\[[^\]]*\])\S* all-gather\(", compiled.as_text()), str)
+    state, metrics = compiled(state, batch)
     results[f"{name}/loss"] = np.asarray(metrics["loss"].addressable_data(0))
     results.update({f"{name}/params{k}": v for k, v in _flat(state.params).items()})
     results.update({f"{name}/stats{k}": v for k, v in _flat(state.batch_stats).items()})
@@ -91,8 +97,8 @@ def _compare(results, a, b, rtol, atol):
   left out: softmax ignores a shift shared by all keys, so their true gradient is zero and they
   move only by rounding noise, which Adam scales up to a sizeable fraction of lr.
   """
-  names = sorted(k[len(a):] for k in results if k.startswith(a) and not k.endswith("devices")
-                 and not k.endswith("/key/bias"))
+  names = sorted(k[len(a):] for k in results if k.startswith(a)
+                 and not k.endswith(("devices", "float_all_gathers", "/key/bias")))
   assert any("stats" in n for n in names) and any("params" in n for n in names)
   for n in names:
     np.testing.assert_allclose(results[a + n], results[b + n], rtol=rtol, atol=atol, err_msg=n)
@@ -102,6 +108,12 @@ def test_eight_devices_equal_one(single):
   assert int(single["all/devices"]) == 8 and int(single["one/devices"]) == 1
   assert np.isfinite(single["all/loss"])
   _compare(single, "all/", "one/", rtol=1e-4, atol=2e-5)
+
+
+def test_data_parallel_step_gathers_no_activations(single):
+  """Each device works on its own images: the 8-device step all-gathers no float array (it once
+  gathered every image's deformable-attention values to every device)."""
+  assert single["all/float_all_gathers"].size == 0, single["all/float_all_gathers"]
 
 
 def test_two_processes_of_four_equal_one_of_eight(single, tmp_path):

@@ -99,9 +99,12 @@ def ms_deform_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes,
                      sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray) -> jnp.ndarray:
   """Deformable sampling as one weighted row gather over all corners, points and levels.
 
-  Same contract as `ms_deform_sample_reference`. Values are viewed as a [B * S * M, D] table;
-  every (query, head, level, point, corner) becomes one row index and one weight (bilinear
-  weight x attention weight), so the op is a weighted sum of L * P * 4 gathered rows.
+  Same contract as `ms_deform_sample_reference`. Each image's values are viewed as an [S * M, D]
+  table; every (query, head, level, point, corner) becomes one row index and one weight (bilinear
+  weight x attention weight), so the op is a weighted sum of L * P * 4 gathered rows. The gather
+  is vmapped over the batch rather than flattened into one [B * S * M, D] table, so with the batch
+  sharded over devices each device gathers from its own images only (a flat table's rows could
+  point anywhere, and the partitioner would all-gather every image's values to every device).
 
   Returns:
     float32 [B, Lq, M * D].
@@ -119,10 +122,9 @@ def ms_deform_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes,
     start += height * width
   position = jnp.stack(indices, axis=3).reshape(b, lq, heads, -1)  # [B, Lq, M, K], K = L * P * 4
   weight = jnp.stack(weights, axis=3).reshape(b, lq, heads, -1)
-  batch_offset = (jnp.arange(b, dtype=jnp.int32) * total)[:, None, None, None]
   head_offset = jnp.arange(heads, dtype=jnp.int32)[None, None, :, None]
-  rows = (batch_offset + position) * heads + head_offset  # row of value.reshape(B * S * M, D)
-  out = _gather_weighted_sum(value.reshape(b * total * heads, dim), rows, weight)
+  rows = position * heads + head_offset  # row of the image's value.reshape(S * M, D)
+  out = jax.vmap(_gather_weighted_sum)(value.reshape(b, total * heads, dim), rows, weight)
   return out.reshape(b, lq, heads * dim)
 
 
@@ -142,9 +144,9 @@ def _weighted_rows(table: jnp.ndarray, rows: jnp.ndarray, weight: jnp.ndarray) -
 
 @jax.custom_vjp
 def _gather_weighted_sum(table: jnp.ndarray, rows: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
-  """sum_k weight[..., k] * table[rows[..., k]]: table [N, D], rows and weight [B, Lq, M, K] -> [B, Lq, M, D].
+  """sum_k weight[..., k] * table[rows[..., k]]: table [N, D], rows and weight [Lq, M, K] -> [Lq, M, D].
 
-  Forward and backward run one sample k at a time (a scan over K), so the [B, Lq, M, K, D]
+  Forward and backward run one sample k at a time (a scan over K), so the [Lq, M, K, D]
   samples (about 1 GB per 1024x1024 image and encoder layer) never exist; on CPU this is also
   2-3x faster than one big gather. (jax.checkpoint cannot be relied on here: XLA:CPU merges the
   recomputed gather with the forward one and keeps it alive.)
@@ -162,7 +164,7 @@ def _gather_weighted_sum_bwd(residuals, grad):
 
   def sample_grads(grad_table, sample):
     sample_rows, sample_weight = sample
-    picked = table.at[sample_rows].get(mode="promise_in_bounds")  # [B, Lq, M, D]
+    picked = table.at[sample_rows].get(mode="promise_in_bounds")  # [Lq, M, D]
     grad_table = grad_table.at[sample_rows].add(sample_weight[..., None] * grad,
                                                 mode="promise_in_bounds")
     return grad_table, jnp.sum(picked * grad, axis=-1)
