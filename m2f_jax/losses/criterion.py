@@ -48,13 +48,13 @@ def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: ja
   Returns:
     float32 [].
   """
-  batch_size, num_queries, num_logits = class_logits.shape
+  _, num_queries, num_logits = class_logits.shape
   no_object = num_logits - 1
-  # Unmatched slots scatter out of bounds and are dropped, so they never overwrite a match.
+  # Unmatched slots scatter out of bounds and are dropped, so they never overwrite a match. The
+  # scatter is vmapped over images, so that with the batch sharded it stays on each device.
   query = jnp.where(matched, query_for_target, num_queries)
-  batch_index = jnp.broadcast_to(jnp.arange(batch_size)[:, None], query.shape)
-  target_class = jnp.full((batch_size, num_queries), no_object, jnp.int32)
-  target_class = target_class.at[batch_index, query].set(labels.astype(jnp.int32), mode="drop")
+  target_class = jax.vmap(lambda rows, image_labels: jnp.full(num_queries, no_object, jnp.int32)
+                          .at[rows].set(image_labels.astype(jnp.int32), mode="drop"))(query, labels)
   log_probs = jax.nn.log_softmax(class_logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, target_class[..., None], axis=-1)[..., 0]
   weight = jnp.where(target_class == no_object, no_object_weight, 1.0)
