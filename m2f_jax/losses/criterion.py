@@ -334,16 +334,14 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
   else:
     matcher_points = points["matcher"]
     candidates = {"oversampled": points["oversampled"], "fresh": points["fresh"]}
-  if mesh is None:
-    query_for_target, matched = match_predictions(outputs, batch, matcher_points, loss_cfg)
-  else:  # every device matches its own images, its cost loop as long as they need
+  match = functools.partial(match_predictions, loss_cfg=loss_cfg)
+  if mesh is not None:  # every device matches its own images, its cost loop as long as they need
     by_image = P(None, parallel.DATA_AXIS)
-    query_for_target, matched = jax.shard_map(
-        functools.partial(match_predictions, loss_cfg=loss_cfg), mesh=mesh,
-        in_specs=(by_image, P(parallel.DATA_AXIS), by_image), out_specs=(by_image, by_image),
-        check_vma=False)(jax.lax.stop_gradient({"class_logits": class_logits,
-                                                "mask_logits": mask_logits}),
-                         {"labels": labels, "segment_ids": segment_ids}, matcher_points)
+    match = jax.shard_map(match, mesh=mesh, in_specs=(by_image, P(parallel.DATA_AXIS), by_image),
+                          out_specs=(by_image, by_image), check_vma=False)
+  query_for_target, matched = match(
+      jax.lax.stop_gradient({"class_logits": class_logits, "mask_logits": mask_logits}),
+      {"labels": labels, "segment_ids": segment_ids}, matcher_points)
   loss_ce = jax.vmap(lambda cls, rows, ok: _class_loss(cls, labels, rows, ok,
                                                        loss_cfg.no_object_weight))(
       class_logits, query_for_target, matched)
