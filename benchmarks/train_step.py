@@ -14,7 +14,12 @@ Each measurement runs in its own subprocess so its peak resident memory (ru_maxr
          (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which train.py sets by default through
          m2f_jax.host_memory; both frameworks gain from them)
   jax_arena, torch_arena  the same two with freed memory kept in the process instead (mallopt:
-         one arena, no mmap'd blocks, no trimming), PyTorch's fastest setting on a 2-core CPU
+         one arena, no mmap'd blocks, no trimming)
+  jax_huge_kept, torch_huge_kept  huge pages and freed memory kept (no mmap'd blocks, no
+         trimming, glibc's arenas): PyTorch's fastest setting on a 2-core CPU. It cannot help
+         our step: XLA:CPU allocates the step's temporaries (2.7 GB for Swin-T) on a worker
+         thread, and glibc maps a block that large afresh (and unmaps it on free) outside the
+         main arena whatever the settings
   loss   the criterion alone (forward + gradient w.r.t. the predictions): point-sampled with
          cfg.loss.num_points vs as many uniform points as the image has pixels (the loss on
          full-resolution masks); XLA's compiled temp memory, and the peak RSS of running it when
@@ -38,19 +43,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from m2f_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_ARENA_VARIABLE = "M2F_BENCHMARK_ONE_ARENA"
+_MALLOPT_VARIABLE = "M2F_BENCHMARK_MALLOPT"  # 'arena', 'kept' or unset
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters
 
 
-def _keep_freed_memory() -> None:
-  """glibc mallopt: one arena (M_ARENA_MAX), no mmap'd blocks (M_MMAP_MAX), no trimming."""
+def _keep_freed_memory(one_arena: bool) -> None:
+  """glibc mallopt: no mmap'd blocks, no trimming; with `one_arena`, one arena for all threads."""
   import ctypes  # pylint: disable=g-import-not-at-top
   mallopt = ctypes.CDLL("libc.so.6").mallopt
-  if not all(mallopt(parameter, value) == 1 for parameter, value in ((-8, 1), (-4, 0), (-1, -1))):
-    raise RuntimeError("mallopt refused the one-arena settings")
+  settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)]
+  if one_arena:
+    settings.append((_M_ARENA_MAX, 1))
+  if not all(mallopt(parameter, value) == 1 for parameter, value in settings):
+    raise RuntimeError(f"mallopt refused the settings {settings}")
 
 
-if os.environ.get(_ARENA_VARIABLE) == "1":  # before numpy, torch or jax start threads
-  _keep_freed_memory()
+# before numpy, torch or jax start threads:
+if os.environ.get(_MALLOPT_VARIABLE) in ("arena", "kept"):
+  _keep_freed_memory(one_arena=os.environ[_MALLOPT_VARIABLE] == "arena")
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -182,8 +192,7 @@ def bench_jax(cfg, variables_dir: str, warmup: int, steps: int) -> dict:
   mesh = parallel.make_mesh()
   model = build_model(cfg)
   tx, schedule = optimizer.build_optimizer(cfg)
-  state = jax.jit(lambda v: state_lib.create_train_state(v, tx),
-                  out_shardings=parallel.replicated(mesh))(variables)
+  state = state_lib.place_train_state(variables, tx, parallel.replicated(mesh))
   train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg, mesh), tx, schedule,
                                         mesh, jax.random.key(0))
   batch = parallel.global_batch(make_batch(cfg), mesh)
@@ -256,12 +265,13 @@ def run_child(script: str, which: str, child_args: list, malloc: str = "",
               platform: str = "cpu") -> dict:
   """Runs `script --child which *child_args` in a subprocess; returns its RESULT dict.
   `malloc`: 'huge' (transparent huge pages, as train.py runs), 'arena' (one arena keeping freed
-  memory) or anything else for glibc's defaults. `platform`: JAX's, 'cpu' or 'gpu' (CUDA)."""
+  memory), 'huge_kept' (huge pages, freed memory kept) or anything else for glibc's defaults.
+  `platform`: JAX's, 'cpu' or 'gpu' (CUDA)."""
   cmd = [sys.executable, os.path.abspath(script), "--child", which] + child_args
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env.update(JAX_PLATFORMS="cuda" if platform == "gpu" else "cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env[_ARENA_VARIABLE] = "1" if malloc == "arena" else "0"
-  if malloc == "huge":
+  env[_MALLOPT_VARIABLE] = {"arena": "arena", "huge_kept": "kept"}.get(malloc, "")
+  if malloc in ("huge", "huge_kept"):
     env = host_memory.environment_with_huge_pages(env)
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -287,7 +297,8 @@ def main() -> None:
   parser.add_argument("--max_targets", type=int, default=100,
                       help="target slots per image (cfg.data.max_targets; 5 are real)")
   parser.add_argument("--child", choices=("convert", "jax", "jax_huge", "jax_arena", "torch",
-                                          "torch_huge", "torch_arena",
+                                          "torch_huge", "torch_arena", "jax_huge_kept",
+                                          "torch_huge_kept",
                                           "loss_points", "loss_full"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--variables_dir", help=argparse.SUPPRESS)
@@ -303,7 +314,8 @@ def main() -> None:
   gpu = args.platform == "gpu"
   malloc_rows = (("", "GPU, framework defaults"),) if gpu else (
       ("", "glibc defaults"), ("_huge", "huge pages (train.py's default)"),
-      ("_arena", "one arena, freed memory kept"))
+      ("_arena", "one arena, freed memory kept"),
+      ("_huge_kept", "huge pages, freed memory kept"))
   with tempfile.TemporaryDirectory() as tmp:
     args.variables_dir = os.path.join(tmp, "variables")
     child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup),

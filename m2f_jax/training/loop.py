@@ -124,8 +124,7 @@ def _initial_state(cfg, model, tx, mesh, ckpt, init_key) -> state_lib.TrainState
   if cfg.init_from is not None:
     target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
     variables = variables_io.load_variables(cfg.init_from, target)
-    create = jax.jit(lambda v: state_lib.create_train_state(v, tx), out_shardings=replicated)
-    return create(variables)
+    return state_lib.place_train_state(variables, tx, replicated)
   return init(init_key)
 
 

@@ -47,6 +47,13 @@ def train_state_initializer(model: Any, tx: optax.GradientTransformation,
                  out_shardings=sharding)
 
 
+def place_train_state(variables: Any, tx: optax.GradientTransformation,
+                      sharding: Any = None) -> TrainState:
+  """`create_train_state` of given variables (a converted checkpoint) as one jit-compiled
+  program, its outputs placed with `sharding` (None: the default device)."""
+  return jax.jit(lambda v: create_train_state(v, tx), out_shardings=sharding)(variables)
+
+
 def init_variables(model: Any, rng: jax.Array, image_hw: tuple[int, int]) -> dict:
   """Model variables from `model.init` on one zero image [1, H, W, 3]; always has 'batch_stats'."""
   images = jnp.zeros((1, *image_hw, 3), jnp.uint8)
