@@ -296,9 +296,9 @@ def main() -> None:
                       help="run the criterion only when its compiled temp memory is below this")
   parser.add_argument("--max_targets", type=int, default=100,
                       help="target slots per image (cfg.data.max_targets; 5 are real)")
-  parser.add_argument("--child", choices=("convert", "jax", "jax_huge", "jax_arena", "jax_huge_kept",
-                                          "torch", "torch_huge", "torch_arena", "torch_huge_kept",
-                                          "loss_points", "loss_full"),
+  parser.add_argument("--child", choices=("convert", "jax", "jax_huge", "jax_arena",
+                                          "jax_huge_kept", "torch", "torch_huge", "torch_arena",
+                                          "torch_huge_kept", "loss_points", "loss_full"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--variables_dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
