@@ -28,6 +28,10 @@ from m2f_jax.losses import matcher
 from m2f_jax.losses import point_sampling
 from m2f_jax.losses import slot_passes
 
+# shard_map specs over the data axis: arrays [L, B, ...] (per prediction) and [B, ...].
+_LAYERS_BY_IMAGE = P(None, parallel.DATA_AXIS)
+_BY_IMAGE = P(parallel.DATA_AXIS)
+
 # Injected sampling points (tests, reproductions): 'matcher' [L, B, P, 2] uniform points of the
 # matching cost; 'oversampled' [L, B, M, P_over, 2] candidates and 'fresh' [L, B, M, P_fresh, 2]
 # uniform points of each target slot's mask loss. Without them, points are drawn from `rng`.
@@ -174,10 +178,9 @@ def _sharded_mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array,
     sums, gradients = _mask_loss_sums(*local_args, loss_cfg, with_gradients, first_image)
     return jax.lax.psum(sums, parallel.DATA_AXIS), gradients
 
-  by_image = P(None, parallel.DATA_AXIS)
-  in_specs = (by_image, P(parallel.DATA_AXIS), by_image, by_image, P(),
-              jax.tree.map(lambda _: by_image, candidates))
-  out_specs = (P(), (by_image, by_image) if with_gradients else ())
+  in_specs = (_LAYERS_BY_IMAGE, _BY_IMAGE, _LAYERS_BY_IMAGE, _LAYERS_BY_IMAGE, P(),
+              jax.tree.map(lambda _: _LAYERS_BY_IMAGE, candidates))
+  out_specs = (P(), (_LAYERS_BY_IMAGE, _LAYERS_BY_IMAGE) if with_gradients else ())
   return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                        check_vma=False)(*args)
 
@@ -336,9 +339,9 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
     candidates = {"oversampled": points["oversampled"], "fresh": points["fresh"]}
   match = functools.partial(match_predictions, loss_cfg=loss_cfg)
   if mesh is not None:  # every device matches its own images, its cost loop as long as they need
-    by_image = P(None, parallel.DATA_AXIS)
-    match = jax.shard_map(match, mesh=mesh, in_specs=(by_image, P(parallel.DATA_AXIS), by_image),
-                          out_specs=(by_image, by_image), check_vma=False)
+    match = jax.shard_map(match, mesh=mesh,
+                          in_specs=(_LAYERS_BY_IMAGE, _BY_IMAGE, _LAYERS_BY_IMAGE),
+                          out_specs=(_LAYERS_BY_IMAGE, _LAYERS_BY_IMAGE), check_vma=False)
   query_for_target, matched = match(
       jax.lax.stop_gradient({"class_logits": class_logits, "mask_logits": mask_logits}),
       {"labels": labels, "segment_ids": segment_ids}, matcher_points)
