@@ -1,0 +1,65 @@
+"""pyproject.toml and requirements.txt pin the same versions, and the wheel holds the library."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pins(lines) -> dict:
+  """{'jax': '0.10.2', ...} from requirement lines 'name[extra]==version'."""
+  out = {}
+  for line in lines:
+    match = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s;#]+)\s*(#.*)?", line)
+    if match:
+      out[match.group(1).lower().replace("_", "-")] = match.group(3)
+  return out
+
+
+def _project() -> dict:
+  with open(os.path.join(_ROOT, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)["project"]
+
+
+def _requirements() -> dict:
+  with open(os.path.join(_ROOT, "requirements.txt")) as f:
+    return _pins(f)
+
+
+def test_runtime_pins_agree_with_requirements():
+  project, requirements = _project(), _requirements()
+  runtime = _pins(project["dependencies"])
+  assert runtime, "pyproject.toml lists no pinned dependencies"
+  for name, version in runtime.items():
+    assert requirements.get(name) == version, f"{name}: pyproject {version}, requirements.txt {requirements.get(name)}"
+  for extra in ("torch", "test"):
+    for name, version in _pins(project["optional-dependencies"][extra]).items():
+      assert requirements.get(name) == version, f"[{extra}] {name}: pyproject {version}, requirements.txt {requirements.get(name)}"
+
+
+def test_accelerator_extras_pin_the_same_jax():
+  project = _project()
+  jax_version = _pins(project["dependencies"])["jax"]
+  for extra in ("gpu", "tpu"):
+    assert _pins(project["optional-dependencies"][extra]) == {"jax": jax_version}, extra
+
+
+def test_wheel_holds_library_and_configs(tmp_path):
+  source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+  ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+  for name in ("m2f_jax", "configs"):
+    shutil.copytree(os.path.join(_ROOT, name), source / name, ignore=ignore)
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(_ROOT, name), source / name)
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                  "-w", str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path)
+  (wheel,) = list((tmp_path / "dist").glob("*.whl"))
+  names = set(zipfile.ZipFile(wheel).namelist())
+  for path in ("m2f_jax/__init__.py", "m2f_jax/models/mask2former.py", "m2f_jax/convert/hf.py",
+               "configs/base.py", "configs/coco_panoptic_r50.py"):
+    assert path in names, f"{path} missing from {wheel.name}"
+  assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
