@@ -283,6 +283,19 @@ def test_resnet50_layouts_give_torch_feature_maps(r50, file_name, tmp_path):
   assert report.kept_fresh == []
 
 
+def test_detectron2_layout_has_the_authors_backbone_names_and_shapes(r50):
+  """The R-50.pkl written here against the backbone of the authors' COCO R50 checkpoint."""
+  authors = {}
+  with open(torch_reference.AUTHORS_R50_KEYS) as f:
+    for line in f:
+      match = re.match(r"^backbone\.(\S+) \[([\d, ]*)\]$", line.strip())
+      if match:
+        authors[match.group(1)] = tuple(int(d) for d in match.group(2).split(","))
+  written = _detectron2_names(_torchvision_names(r50.classifier.state_dict()))
+  assert {k: v.shape for k, v in written.items()
+          if not k.startswith("stem.fc.") and not k.endswith("num_batches_tracked")} == authors
+
+
 @pytest.mark.parametrize("file_name", list(SWIN_FORMATS))
 def test_swin_tiny_layouts_give_torch_feature_maps(swin_t, file_name, tmp_path):
   report = _check_format(swin_t, SWIN_FORMATS, file_name, tmp_path)
