@@ -202,6 +202,11 @@ def _write_torchvision_pth(arch, path):
   torch.save(_torchvision_names(arch.classifier.state_dict()), path)
 
 
+def _write_legacy_torchvision_pth(arch, path):
+  """torchvision's older files (resnet50-19c8e357.pth) predate the zip format."""
+  torch.save(_torchvision_names(arch.classifier.state_dict()), path, _use_new_zipfile_serialization=False)
+
+
 def _write_timm_resnet_safetensors(arch, path):
   state = _numpy(_torchvision_names(arch.classifier.state_dict()))
   safetensors.numpy.save_file({k: v for k, v in state.items() if "num_batches" not in k}, path)
@@ -235,6 +240,8 @@ def _write_timm_swin_safetensors(arch, path):
 
 RESNET_FORMATS = {
     "torchvision.pth": (_write_torchvision_pth, "torch zip", "torchvision/timm ResNet", ["fc.bias", "fc.weight"]),
+    "resnet50-19c8e357.pth": (_write_legacy_torchvision_pth, "legacy torch.save", "torchvision/timm ResNet",
+                              ["fc.bias", "fc.weight"]),
     "timm_resnet50.safetensors": (_write_timm_resnet_safetensors, "safetensors", "torchvision/timm ResNet",
                                   ["fc.bias", "fc.weight"]),
     "R-50.pkl": (_write_detectron2_pkl, "pickle", "detectron2 ResNet (R-50.pkl)",

@@ -169,7 +169,8 @@ class LoadReport:
     values: scalars in those tensors.
     dropped: classification-head tensor names, not loaded.
     ignored_buffers: buffer tensors skipped (BatchNorm counters, Swin index and mask buffers).
-    resized_tables: relative-position tables resized, with (checkpoint window, our window).
+    resized_tables: how many relative-position tables were resized.
+    windows: (checkpoint window, our window) of those tables.
     kept_fresh: our parameter paths the checkpoint has no tensors for (Swin's stage output norms).
   """
   path: str

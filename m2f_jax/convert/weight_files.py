@@ -8,6 +8,7 @@ files go through `safe_pickle`, which runs no code from the file and needs no to
 import dataclasses
 import json
 import os
+import pickle
 import struct
 import zipfile
 from typing import Any, Dict, Mapping, Optional
@@ -43,9 +44,9 @@ def _is_safetensors(path: str) -> bool:
   return head[8:9] == b"{" and header_size <= os.path.getsize(path) - 8
 
 
-def _is_pickle(path: str) -> bool:
+def _first_bytes(path: str, n: int) -> bytes:
   with open(path, "rb") as f:
-    return f.read(1) == b"\x80"  # PROTO opcode, protocol 2 and later
+    return f.read(n)
 
 
 def _state_dict(obj: Any, path: str) -> Dict[str, np.ndarray]:
@@ -96,9 +97,12 @@ def read_weight_file(path: str) -> WeightFile:
     raise FileNotFoundError(f"no weights file at {path}")
   if _is_safetensors(path):
     return WeightFile("safetensors", load_file(path))
+  legacy_magic = pickle.dumps(safe_pickle.LEGACY_MAGIC, protocol=2)  # what torch.save writes first
   if zipfile.is_zipfile(path):
     container = "torch zip"
-  elif _is_pickle(path):
+  elif _first_bytes(path, len(legacy_magic)) == legacy_magic:
+    container = "legacy torch.save"
+  elif _first_bytes(path, 1) == b"\x80":  # PROTO opcode, pickle protocol 2 and later
     container = "pickle"
   else:
     raise ValueError(f"{path} is neither safetensors, a torch file, a pickle nor a Hub directory")
