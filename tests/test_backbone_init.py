@@ -7,9 +7,12 @@ the same weights. torchvision and timm do not run here (the PyPI torchvision whe
 CUDA-built and does not load against the CPU torch; timm imports torchvision), so their layouts are
 written by renaming transformers' tensors with the rules those projects' names follow.
 """
+import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -29,6 +32,7 @@ from m2f_jax.training import loop
 from m2f_jax.training import optimizer
 import torch_reference
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 IMAGE_HW = (64, 64)
 R50 = dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
@@ -392,6 +396,57 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(r50, tmp_path, contai
   else:
     torch.load(str(path), weights_only=False)
   assert marker.exists()
+
+
+class _OverrunningTensor:
+  """Pickles as a 100-element tensor view of a 4-element storage (reading past it)."""
+
+  def __reduce__(self):
+    return torch._utils._rebuild_tensor_v2, (torch.zeros(4).storage(), 0, (100,), (1,), False, {})  # pylint: disable=protected-access
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_tensor_reading_past_its_storage_is_refused(r50, tmp_path):
+  path = tmp_path / "overrun.pkl"
+  path.write_bytes(pickle.dumps({"model": {"conv1.weight": _OverrunningTensor()}}))
+  with pytest.raises(ValueError, match=r"tensor of size \(100,\) at offset 0 overruns its storage of 4"):
+    imagenet_backbone.convert_imagenet_backbone(str(path), r50.fresh)
+
+
+_READ_WITHOUT_TORCH = """
+import json
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
+from m2f_jax.convert import weight_files
+expected, dtypes = np.load(sys.argv[1]), json.loads(sys.argv[2])
+for path in sys.argv[3:]:
+  arrays = weight_files.read_weight_file(path).arrays
+  assert sorted(arrays) == sorted(expected.files), (path, sorted(arrays))
+  for name in expected.files:
+    assert arrays[name].dtype.name == dtypes[name], (path, name, arrays[name].dtype)
+    np.testing.assert_array_equal(arrays[name].astype(np.float32), expected[name])
+print("read", len(sys.argv) - 3, "files without torch")
+"""
+
+
+def test_torch_files_and_tensor_pickles_are_read_without_torch(tmp_path):
+  """Zip and legacy torch.save files and pickled tensors need no torch: tensors come back as numpy,
+  views (a transposed tensor, a slice at an offset) and bfloat16 included."""
+  base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+  state = {"conv1.weight": base.t(), "bn1.bias": base[1, 2:5], "bn1.num_batches_tracked": torch.tensor(3),
+           "fc.weight": torch.randn(3, 2).to(torch.bfloat16), "fc.bias": torch.zeros(0)}
+  np.savez(tmp_path / "expected.npz", **{k: v.float().numpy() for k, v in state.items()})
+  dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+  torch.save({"model": state}, tmp_path / "zip.pth")
+  torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+  (tmp_path / "tensors.pkl").write_bytes(pickle.dumps({"model": state}))
+  files = [str(tmp_path / n) for n in ("zip.pth", "legacy.pth", "tensors.pkl")]
+  result = subprocess.run([sys.executable, "-c", _READ_WITHOUT_TORCH, str(tmp_path / "expected.npz"),
+                           json.dumps(dtypes), *files],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "read 3 files without torch" in result.stdout
 
 
 def test_fresh_training_state_has_exactly_the_imagenet_backbone(tmp_path):
