@@ -247,6 +247,9 @@ def convert_imagenet_backbone(path: str, variables: Dict[str, Any]) -> Tuple[Dic
       entries = layout.to_hf(name, np.asarray(value, np.float32))
       if entries is None or not entries.keys() <= expected:
         unmapped.append(name)
+      elif entries.keys() & arrays.keys():
+        raise ValueError(f"{path}: {name} gives a backbone tensor that another name already gave "
+                         f"({sorted(entries.keys() & arrays.keys())[0]}); keep one of the two")
       else:
         arrays.update(entries)
         loaded.append(value)
@@ -256,7 +259,8 @@ def convert_imagenet_backbone(path: str, variables: Dict[str, Any]) -> Tuple[Dic
     raise ValueError(
         f"{path} ({layout.name}) does not fit the config's {shape.name} backbone: "
         f"{len(unmapped)} checkpoint tensors map to nothing in it: {sorted(unmapped)[:20]}; "
-        f"{len(missing)} backbone tensors are missing from the checkpoint: {missing[:20]}")
+        f"{len(missing)} backbone tensors are missing from the checkpoint (transformers names): "
+        f"{missing[:20]}")
   kept_fresh = sorted(k for k in fresh if k not in arrays)
   arrays.update({k: fresh[k] for k in kept_fresh})
 
