@@ -1,4 +1,5 @@
 """ADE20K panoptic segmentation, ResNet-50, 640x640 crops (PQ 39.7 in the paper)."""
+# ImageNet backbone: --config.model.backbone.init_from=R-50.pkl (detectron2 ImageNetPretrained/torchvision/R-50.pkl)
 from configs import base
 
 

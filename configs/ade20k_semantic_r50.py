@@ -1,4 +1,5 @@
 """ADE20K semantic segmentation, ResNet-50, 512x512 crops (mIoU 47.2 in the paper)."""
+# ImageNet backbone: --config.model.backbone.init_from=R-50.pkl (detectron2 ImageNetPretrained/torchvision/R-50.pkl)
 from configs import base
 
 

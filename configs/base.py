@@ -19,6 +19,7 @@ def resnet_backbone(depth: int = 50, norm: str = "frozen_bn") -> ml_collections.
       base_width=64,  # bottleneck width of res2; doubles per stage; outputs are 4x that
       norm=norm,
       norm_eps=1e-5,
+      init_from=config_dict.placeholder(str),  # ImageNet weights (R-50.pkl, ...) for a fresh model
   ))
 
 
@@ -39,6 +40,7 @@ def swin_backbone(size: str = "tiny") -> ml_collections.ConfigDict:
       patch_size=4,
       mlp_ratio=4.0,
       drop_path_rate=0.3,
+      init_from=config_dict.placeholder(str),  # ImageNet weights (swin_*.pth, ...) for a fresh model
       **SWIN_SIZES[size],
   ))
 

@@ -1,4 +1,5 @@
 """Shared by the Cityscapes recipes: ResNet-50 with synchronised BatchNorm, 512x1024 crops, 90k steps."""
+# ImageNet backbone: --config.model.backbone.init_from=R-50.pkl (detectron2 ImageNetPretrained/torchvision/R-50.pkl)
 from configs import base
 
 

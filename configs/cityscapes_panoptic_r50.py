@@ -1,4 +1,5 @@
 """Cityscapes panoptic segmentation, ResNet-50 with synchronised BatchNorm (PQ 62.1 in the paper)."""
+# ImageNet backbone: --config.model.backbone.init_from=R-50.pkl (detectron2 ImageNetPretrained/torchvision/R-50.pkl)
 from configs.cityscapes_common import cityscapes_config
 
 

@@ -1,4 +1,5 @@
 """COCO instance segmentation, ResNet-50 (mask AP 43.7 in the paper)."""
+# ImageNet backbone: --config.model.backbone.init_from=R-50.pkl (detectron2 ImageNetPretrained/torchvision/R-50.pkl)
 from configs import base
 
 

@@ -1,4 +1,5 @@
 """COCO panoptic, ResNet-101 (PQ 52.6 in the paper)."""
+# ImageNet backbone: --config.model.backbone.init_from=R-101.pkl (authors' tools/convert-torchvision-to-d2.py of resnet101-63fe2227.pth)
 from configs import base
 
 

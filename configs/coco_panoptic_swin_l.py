@@ -1,4 +1,5 @@
 """COCO panoptic, Swin-L (PQ 57.8 in the paper)."""
+# ImageNet backbone: --config.model.backbone.init_from=swin_large_patch4_window12_384_22k.pth (Swin release, IN-21k)
 from configs import base
 
 

@@ -1,4 +1,5 @@
 """COCO panoptic, Swin-T (PQ 53.2 in the paper)."""
+# ImageNet backbone: --config.model.backbone.init_from=swin_tiny_patch4_window7_224.pth (Swin release, IN-1k)
 from configs import base
 
 

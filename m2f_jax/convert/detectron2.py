@@ -5,7 +5,6 @@ containers, so a hostile file raises before any of its code runs. Names (REFEREN
 mapped to transformers' in-memory names and converted by `m2f_jax.convert.hf`, which owns the
 mapping to our parameter tree.
 """
-import collections
 import os
 import pickle
 import re
@@ -17,33 +16,10 @@ import ml_collections
 import numpy as np
 
 from m2f_jax.convert import hf
+from m2f_jax.convert import safe_pickle
 from m2f_jax.models import build_model
 
-_NUMPY_CORE = np._core.multiarray  # pylint: disable=protected-access
-# (module, name) -> the only callables a checkpoint pickle may reference.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_CORE._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_CORE._reconstruct,
-    ("numpy.core.multiarray", "scalar"): _NUMPY_CORE.scalar,
-    ("numpy._core.multiarray", "scalar"): _NUMPY_CORE.scalar,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-}
-
 DROPPED = re.compile(r"(^criterion\.|relative_position_index$|num_batches_tracked$)")
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-  """Unpickler that refuses every global except numpy array reconstruction and OrderedDict."""
-
-  def find_class(self, module: str, name: str) -> Any:
-    allowed = _ALLOWED_GLOBALS.get((module, name))
-    if allowed is None:
-      raise pickle.UnpicklingError(
-          f"refusing to load {module}.{name} from the checkpoint: a detectron2 model file holds only "
-          "numpy arrays, and anything else could run code")
-    return allowed
 
 
 def load_detectron2_pickle(path: str) -> Dict[str, np.ndarray]:
@@ -52,7 +28,7 @@ def load_detectron2_pickle(path: str) -> Dict[str, np.ndarray]:
     raise FileNotFoundError(f"no detectron2 checkpoint at {path}")
   with open(path, "rb") as f:
     try:
-      loaded = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+      loaded = safe_pickle.ArraysOnlyUnpickler(f, "a detectron2 model file").load()
     except pickle.UnpicklingError as e:
       raise ValueError(f"{path} is not a safe detectron2 checkpoint: {e}") from e
     except Exception as e:  # truncated or corrupt files raise many kinds of errors
@@ -93,7 +69,9 @@ def _resnet_name(name: str) -> Optional[str]:
   return None
 
 
-def _resnet_entries(name: str, value: np.ndarray) -> Optional[Dict[str, np.ndarray]]:
+def resnet_entries(name: str, value: np.ndarray) -> Optional[Dict[str, np.ndarray]]:
+  """detectron2 ResNet name (no 'backbone.') -> {transformers ResNetBackbone name: value}; None
+  if no rule fits."""
   renamed = _resnet_name(name)
   return None if renamed is None else {renamed: value}
 
@@ -112,7 +90,9 @@ _SWIN_RULES = (
 )
 
 
-def _swin_entries(name: str, value: np.ndarray) -> Optional[Dict[str, np.ndarray]]:
+def swin_entries(name: str, value: np.ndarray) -> Optional[Dict[str, np.ndarray]]:
+  """Official Swin name (no 'backbone.') -> {transformers SwinBackbone name: value} (packed qkv
+  split in three); None if no rule fits."""
   match = re.match(_SWIN_BLOCK + r"attn\.qkv\.(weight|bias)$", name)
   if match:  # packed q; k; v -> three projections
     prefix = f"swin.encoder.layers.{match.group(1)}.blocks.{match.group(2)}.attention"
@@ -176,7 +156,7 @@ def detectron2_to_hf_names(state_dict: Mapping[str, np.ndarray], backbone: str) 
   Raises:
     ValueError: naming the tensors that fit no rule.
   """
-  backbone_entries = {"resnet": _resnet_entries, "swin": _swin_entries}.get(backbone)
+  backbone_entries = {"resnet": resnet_entries, "swin": swin_entries}.get(backbone)
   if backbone_entries is None:
     raise ValueError(f"backbone must be 'resnet' or 'swin', got {backbone!r}")
   out, unknown = {}, []

@@ -195,7 +195,7 @@ def _qkv_names(cfg: ml_collections.ConfigDict):
       yield f"swin.encoder.layers.{s}.blocks.{j}.attention", (f"layer{s}", f"block{j}", "attn", "qkv")
 
 
-def _normalise_swin_names(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def normalise_swin_names(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
   """Hub names -> in-memory names (in-memory names pass unchanged); refuses a name given twice."""
   renamed = {}
   for name, value in state_dict.items():
@@ -237,6 +237,50 @@ def _check_shapes(cfg: ml_collections.ConfigDict, variables: Dict[str, Any]) -> 
       raise ValueError(f"converted {collection} shapes do not match the config: {wrong[:10]}")
 
 
+def config_from_hf(hf_backbone_config: Mapping[str, Any], norm: str = "frozen_bn") -> ml_collections.ConfigDict:
+  """transformers ResNetConfig / SwinConfig (object or dict) -> backbone config as configs.base builds it.
+
+  Raises:
+    ValueError: a model type or setting our backbones do not build.
+  """
+  if hasattr(hf_backbone_config, "to_dict"):  # a transformers config object
+    hf_backbone_config = hf_backbone_config.to_dict()
+  model_type = hf_backbone_config.get("model_type")
+  if model_type == "resnet":
+    return _resnet_config(hf_backbone_config, norm)
+  if model_type == "swin":
+    return _swin_config(hf_backbone_config)
+  raise ValueError(f"HF backbone model_type must be 'resnet' or 'swin', got {model_type!r}")
+
+
+def expected_hf_names(cfg: ml_collections.ConfigDict) -> set:
+  """Every transformers in-memory tensor name (q/k/v separate) the backbone of `cfg` takes.
+
+  Only cfg.name and cfg.stage_blocks (ResNet) / cfg.depths (Swin) are read.
+  """
+  if cfg.name == "resnet":
+    return set(_resnet_targets(cfg))
+  return set(_swin_targets(cfg)) | {f"{prefix}.{p}_proj.{kind}" for prefix, _ in _qkv_names(cfg)
+                                    for p in "qkv" for kind in ("weight", "bias")}
+
+
+def hf_names_to_variables(cfg: ml_collections.ConfigDict,
+                          arrays: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+  """{in-memory name: float32 array} holding exactly `expected_hf_names(cfg)` ->
+  {'params': ..., 'batch_stats': ...} (kernels transposed, q/k/v packed); shapes unchecked."""
+  resnet = cfg.name == "resnet"
+  targets = _resnet_targets(cfg) if resnet else _swin_targets(cfg)
+  variables = {"params": {}, "batch_stats": {}}
+  for name, (collection, path, transform) in targets.items():
+    _set(variables[collection], path, np.ascontiguousarray(transform(arrays[name])))
+  for prefix, path in ([] if resnet else _qkv_names(cfg)):
+    weight = np.concatenate([arrays[f"{prefix}.{p}_proj.weight"] for p in "qkv"], axis=0)  # [3C, C]
+    bias = np.concatenate([arrays[f"{prefix}.{p}_proj.bias"] for p in "qkv"], axis=0)  # [3C]
+    _set(variables["params"], path + ("kernel",), np.ascontiguousarray(weight.T))
+    _set(variables["params"], path + ("bias",), bias)
+  return variables
+
+
 def convert_hf_backbone(hf_backbone_config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
                         norm: str = "frozen_bn") -> Tuple[ml_collections.ConfigDict, Dict[str, Any]]:
   """transformers backbone config (`config.backbone_config.to_dict()`) and tensors -> (backbone
@@ -250,36 +294,16 @@ def convert_hf_backbone(hf_backbone_config: Mapping[str, Any], state_dict: Mappi
   Raises:
     ValueError: unsupported config, unexpected or missing tensor names, wrong shapes.
   """
-  if hasattr(hf_backbone_config, "to_dict"):  # a transformers config object
-    hf_backbone_config = hf_backbone_config.to_dict()
-  model_type = hf_backbone_config.get("model_type")
+  cfg = config_from_hf(hf_backbone_config, norm)
   arrays = {k: np.asarray(v, np.float32) for k, v in state_dict.items() if not IGNORED.search(k)}
-  if model_type == "resnet":
-    cfg = _resnet_config(hf_backbone_config, norm)
-    targets, qkv_blocks = _resnet_targets(cfg), []
-  elif model_type == "swin":
-    cfg = _swin_config(hf_backbone_config)
-    arrays = _normalise_swin_names(arrays)
-    targets = _swin_targets(cfg)
-    qkv_blocks = list(_qkv_names(cfg))
-  else:
-    raise ValueError(f"HF backbone model_type must be 'resnet' or 'swin', got {model_type!r}")
-
-  expected = targets.keys() | {f"{prefix}.{p}_proj.{kind}" for prefix, _ in qkv_blocks
-                               for p in "qkv" for kind in ("weight", "bias")}
+  if cfg.name == "swin":
+    arrays = normalise_swin_names(arrays)
+  expected = expected_hf_names(cfg)
   unexpected, missing = sorted(arrays.keys() - expected), sorted(expected - arrays.keys())
   if unexpected or missing:
-    raise ValueError(f"{model_type} backbone tensors do not match the config: unexpected names "
+    raise ValueError(f"{cfg.name} backbone tensors do not match the config: unexpected names "
                      f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}, missing names "
                      f"{missing[:20]}{' ...' if len(missing) > 20 else ''}")
-
-  variables = {"params": {}, "batch_stats": {}}
-  for name, (collection, path, transform) in targets.items():
-    _set(variables[collection], path, np.ascontiguousarray(transform(arrays[name])))
-  for prefix, path in qkv_blocks:
-    weight = np.concatenate([arrays[f"{prefix}.{p}_proj.weight"] for p in "qkv"], axis=0)  # [3C, C]
-    bias = np.concatenate([arrays[f"{prefix}.{p}_proj.bias"] for p in "qkv"], axis=0)  # [3C]
-    _set(variables["params"], path + ("kernel",), np.ascontiguousarray(weight.T))
-    _set(variables["params"], path + ("bias",), bias)
+  variables = hf_names_to_variables(cfg, arrays)
   _check_shapes(cfg, variables)
   return cfg, variables

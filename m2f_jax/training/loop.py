@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 
 from m2f_jax import parallel
 from m2f_jax import variables_io
+from m2f_jax.convert import imagenet_backbone
 from m2f_jax.training import checkpointing
 from m2f_jax.training import optimizer
 from m2f_jax.training import state as state_lib
@@ -115,7 +116,8 @@ class _Logger:
 
 
 def _initial_state(cfg, model, tx, mesh, ckpt, init_key) -> state_lib.TrainState:
-  """Latest checkpoint of the workdir, else `cfg.init_from` variables, else a fresh init."""
+  """Latest checkpoint of the workdir, else `cfg.init_from` variables, else a fresh init (with
+  `cfg.model.backbone.init_from` ImageNet weights in its backbone when set)."""
   replicated = parallel.replicated(mesh)
   init = state_lib.train_state_initializer(model, tx, tuple(cfg.data.image_size), replicated)
   abstract = jax.eval_shape(init, init_key)  # with the shardings
@@ -125,7 +127,11 @@ def _initial_state(cfg, model, tx, mesh, ckpt, init_key) -> state_lib.TrainState
     target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
     variables = variables_io.load_variables(cfg.init_from, target)
     return state_lib.place_train_state(variables, tx, replicated)
-  return init(init_key)
+  state = init(init_key)
+  if cfg.model.backbone.get("init_from") is not None:  # ImageNet weights into the fresh backbone
+    variables = imagenet_backbone.init_model_backbone(cfg.model.backbone, jax.device_get(state.variables))
+    state = state_lib.place_train_state(variables, tx, replicated)
+  return state
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, model: Optional[Any] = None,
