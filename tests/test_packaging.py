@@ -30,12 +30,16 @@ def _requirements() -> dict:
     return _pins(f)
 
 
+def _runtime_requirements() -> dict:
+  """Pins of requirements.txt's runtime section (from its start to the '# Tests' comment)."""
+  with open(os.path.join(_ROOT, "requirements.txt")) as f:
+    text = f.read()
+  return _pins(text.split("# Tests")[0].splitlines())
+
+
 def test_runtime_pins_agree_with_requirements():
   project, requirements = _project(), _requirements()
-  runtime = _pins(project["dependencies"])
-  assert runtime, "pyproject.toml lists no pinned dependencies"
-  for name, version in runtime.items():
-    assert requirements.get(name) == version, f"{name}: pyproject {version}, requirements.txt {requirements.get(name)}"
+  assert _pins(project["dependencies"]) == _runtime_requirements()
   for extra in ("torch", "test"):
     for name, version in _pins(project["optional-dependencies"][extra]).items():
       assert requirements.get(name) == version, f"[{extra}] {name}: pyproject {version}, requirements.txt {requirements.get(name)}"
