@@ -49,7 +49,8 @@ def main(argv):
     raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be a multiple of the "
                      f"{mesh.devices.size} devices; set --config.eval.batch_size")
   model = models.build_model(cfg)
-  variables = loop.load_variables(cfg, model, checkpoint, mesh)
+  variables, step_dir, why = loop.load_checkpoint(cfg, model, checkpoint, mesh)
+  print(f"evaluating {why}", flush=True)
   info = data.get_dataset_info(cfg.data)
   split = _SPLIT.value or cfg.data.get("eval_split", "validation")
   total = data.get_builder(cfg.data).info.splits[split].num_examples
@@ -58,7 +59,7 @@ def main(argv):
   batches = data.eval_iterator(cfg, split=split, process_index=jax.process_index(),
                                process_count=jax.process_count())
   summary = loop.evaluate(cfg, model, variables, batches, info, mesh, out_dir=out_dir,
-                          step=loop.checkpoint_step(checkpoint), checkpoint=checkpoint,
+                          step=loop.checkpoint_step(step_dir), checkpoint=step_dir,
                           num_visualize=_NUM_VISUALIZE.value,
                           total_batches=math.ceil(total / cfg.eval.batch_size))
   headline = evaluator.headline(summary)
