@@ -17,6 +17,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m2f_jax import command_line
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: its latest checkpoint is evaluated "
@@ -72,4 +74,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from m2f_jax import command_line
 from m2f_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -25,15 +25,6 @@ from tests.test_training import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 48, 64
-_CONFIG_FILE = '''
-from tests.test_predict_inputs import predict_config
-
-
-def get_config():
-  return predict_config()
-'''
-
-
 def predict_config():
   """tiny_config() on the synthetic set's 8 classes, kept at 48x64, every query shown."""
   cfg = tiny_config()
@@ -92,9 +83,13 @@ def predicted(tmp_path_factory):
   model = build_model(cfg)
   variables = state_lib.init_variables(model, jax.random.key(1), (W, W))
   variables_io.save_variables(str(tmp / "vars"), jax.device_get(variables), cfg)
-  (tmp / "tiny_predict_config.py").write_text(_CONFIG_FILE)
+  (tmp / "tiny_predict_config.py").write_text(  # the values only: a config file that imports little
+      f"import ml_collections\n\n\ndef get_config():\n"
+      f"  return ml_collections.ConfigDict({cfg.to_dict()!r})\n")
   out = tmp / "out"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   proc = subprocess.run(
       [sys.executable, "-m", "m2f_jax.tools.predict", f"--config={tmp / 'tiny_predict_config.py'}",
        f"--checkpoint={tmp / 'vars'}", f"--out={out}", str(inputs)],

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
+from m2f_jax import command_line
 from m2f_jax import image_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
@@ -136,4 +137,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)
