@@ -44,7 +44,7 @@ def main(argv):
   from m2f_jax.training import workdir  # pylint: disable=g-import-not-at-top
   try:
     _, finished = loop.train(_CONFIG.value, _WORKDIR.value)
-  except (workdir.WorkdirError, variables_io.DamagedCheckpointError) as e:
+  except (workdir.WorkdirError, variables_io.DamagedCheckpointError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   if not finished:
     sys.exit(143)  # stopped by SIGTERM after saving a checkpoint

@@ -31,6 +31,18 @@ def check_run_config(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
   if cfg.init_from is not None and not os.path.isdir(cfg.init_from):
     raise FileNotFoundError(f"config.init_from={cfg.init_from!r} is not a directory")
+  if cfg.init_from is not None and not _holds_weights(cfg.init_from):
+    raise FileNotFoundError(
+        f"config.init_from={cfg.init_from!r} holds no model variables: give a directory written by "
+        "`python -m m2f_jax.tools.convert` (with a 'variables' folder) or a training workdir (with "
+        "'checkpoints/STEP')")
+
+
+def _holds_weights(path: str) -> bool:
+  """Whether `path` has a variables folder, a checkpoints folder or step folders."""
+  names = os.listdir(path)
+  return ("variables" in names or checkpointing.CHECKPOINT_DIR in names
+          or any(n.isdigit() and os.path.isdir(os.path.join(path, n, "variables")) for n in names))
 
 
 class _StopRequest:
