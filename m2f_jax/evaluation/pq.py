@@ -25,18 +25,17 @@ def _by_image(data: dict, path: str) -> dict:
   return out
 
 
-def _check_id_types(gt: dict, gt_json: str, pred: dict, pred_json: str) -> None:
-  """Refuses string ids on one side against integer ids on the other (they never match)."""
-  gt_strings = {i for i in gt if isinstance(i, str)}
-  pred_strings = {i for i in pred if isinstance(i, str)}
-  for path, strings, other, other_has_ints in (
-      (pred_json, pred_strings, gt_json, len(gt_strings) < len(gt)),
-      (gt_json, gt_strings, pred_json, len(pred_strings) < len(pred))):
-    if strings and other_has_ints:
-      example = sorted(strings)[0]
-      raise ValueError(f"{path} has string image ids (e.g. {example!r}) but {other} has integer "
-                       "ids: write integer ids (m2f_jax.tools.predict does for all-digit file "
-                       "names such as 000000142238.jpg)")
+def _missing_prediction(image_id, pred: dict, pred_json: str, gt_json: str) -> Exception:
+  """The error for a ground-truth image without prediction: string ids against integer ids (which
+  never match) are named as such."""
+  other_type = [i for i in pred if isinstance(i, str) != isinstance(image_id, str)]
+  if other_type:
+    strings, integers = (gt_json, pred_json) if isinstance(image_id, str) else (pred_json, gt_json)
+    example = image_id if isinstance(image_id, str) else sorted(other_type)[0]
+    return ValueError(f"{strings} has string image ids (e.g. {example!r}) but {integers} has "
+                      "integer ids: write integer ids (m2f_jax.tools.predict does for all-digit "
+                      "file names such as 000000142238.jpg)")
+  return KeyError(f"no prediction for image {image_id} in {pred_json}")
 
 
 def evaluate_files(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str) -> dict:
@@ -48,11 +47,10 @@ def evaluate_files(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str) -> 
   categories = {int(c["id"]): bool(c.get("isthing", 0)) for c in gt["categories"]}
   gt_by_image = _by_image(gt, gt_json)
   pred_by_image = _by_image(pred, pred_json)
-  _check_id_types(gt_by_image, gt_json, pred_by_image, pred_json)
   stat = PQStat()
   for image_id, gt_ann in gt_by_image.items():
     if image_id not in pred_by_image:
-      raise KeyError(f"no prediction for image {image_id} in {pred_json}")
+      raise _missing_prediction(image_id, pred_by_image, pred_json, gt_json)
     pred_ann = pred_by_image[image_id]
     gt_map = panoptic_format.read_id_png(os.path.join(gt_dir, gt_ann["file_name"]))
     pred_map = panoptic_format.read_id_png(os.path.join(pred_dir, pred_ann["file_name"]))
