@@ -12,6 +12,7 @@ if __name__ == "__main__":
 
 import json
 import math
+import sys
 
 from absl import app
 from absl import flags
@@ -40,6 +41,7 @@ def main(argv):
   from m2f_jax import data  # pylint: disable=g-import-not-at-top
   from m2f_jax import models  # pylint: disable=g-import-not-at-top
   from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
+  from m2f_jax import variables_io  # pylint: disable=g-import-not-at-top
   from m2f_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from m2f_jax.evaluation import loop  # pylint: disable=g-import-not-at-top
 
@@ -51,7 +53,10 @@ def main(argv):
     raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be a multiple of the "
                      f"{mesh.devices.size} devices; set --config.eval.batch_size")
   model = models.build_model(cfg)
-  variables, step_dir, why = loop.load_checkpoint(cfg, model, checkpoint, mesh)
+  try:
+    variables, step_dir, why = loop.load_checkpoint(cfg, model, checkpoint, mesh)
+  except (FileNotFoundError, variables_io.DamagedCheckpointError) as e:
+    sys.exit(f"error: {e}")
   print(f"evaluating {why}", flush=True)
   info = data.get_dataset_info(cfg.data)
   split = _SPLIT.value or cfg.data.get("eval_split", "validation")

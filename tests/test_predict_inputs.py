@@ -225,3 +225,23 @@ def test_output_names_and_ids_are_distinct():
   assert image_io.image_ids(names) == ["a_jpg", "a_png", "dir/a", "A", "a_jpg_2", "000000000012",
                                        "x/000000000012", 13]
   assert image_io.output_names(["/data/val/one.jpg"]) == ["one"]
+
+
+def test_category_ids_invert_the_builders_contiguous_mapping():
+  from m2f_jax.data import categories  # pylint: disable=g-import-not-at-top
+  from m2f_jax.data import coco  # pylint: disable=g-import-not-at-top
+  for name, table in (("coco_panoptic", categories.COCO_PANOPTIC),
+                      ("coco_instance", categories.COCO_INSTANCE)):
+    info = info_lib.dataset_info_by_name(name)
+    as_json = {"categories": [dict(id=c[0], name=c[1]) for c in reversed(table)]}
+    to_contiguous = coco.contiguous_categories(as_json, info.num_classes, name)
+    assert [to_contiguous[i] for i in info.category_ids] == list(range(info.num_classes))
+  assert info_lib.dataset_info_by_name("coco_panoptic").category_ids[-1] == 200  # rug-merged
+  assert info_lib.dataset_info_by_name("ade20k_semantic").category_ids[:2] == (1, 2)  # PNG values
+  assert info_lib.dataset_info_by_name("ade20k_panoptic").category_ids[:2] == (0, 1)
+  assert info_lib.dataset_info_by_name("cityscapes_semantic").category_ids[:3] == (7, 8, 11)
+  assert info_lib.dataset_info_by_name("cityscapes_instance").category_ids == (
+      24, 25, 26, 27, 28, 31, 32, 33)
+  for name in info_lib.DATASET_KINDS:
+    info = info_lib.dataset_info_by_name(name)
+    assert len(set(info.category_ids)) == info.num_classes == len(info.class_names)

@@ -82,6 +82,7 @@ def main(argv):
   from m2f_jax import data  # pylint: disable=g-import-not-at-top
   from m2f_jax import models  # pylint: disable=g-import-not-at-top
   from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
+  from m2f_jax import variables_io  # pylint: disable=g-import-not-at-top
   from m2f_jax.evaluation import loop  # pylint: disable=g-import-not-at-top
   from m2f_jax.evaluation import panoptic_format  # pylint: disable=g-import-not-at-top
   from m2f_jax.inference import postprocess  # pylint: disable=g-import-not-at-top
@@ -91,7 +92,11 @@ def main(argv):
   info = data.get_dataset_info(cfg.data)
   mesh = parallel.make_mesh()
   model = models.build_model(cfg)
-  variables = loop.load_variables(cfg, model, _CHECKPOINT.value, mesh)
+  try:
+    variables, _, why = loop.load_checkpoint(cfg, model, _CHECKPOINT.value, mesh)
+  except (FileNotFoundError, variables_io.DamagedCheckpointError) as e:
+    sys.exit(f"error: {e}")
+  print(f"predicting with {why}", flush=True)
   predict = jax.jit(lambda v, x: {k: o[-1] for k, o in model.apply(v, x, train=False).items()})
   post = postprocess.PostProcessor(tuple(cfg.eval.tasks), info.is_thing, cfg.eval.object_mask_threshold,
                                    cfg.eval.overlap_threshold, cfg.eval.top_k)
