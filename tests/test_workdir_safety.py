@@ -228,3 +228,45 @@ def test_eval_reads_the_newest_intact_step_and_says_why(setup, tmp_path):
                            r"\(ValueError: its _METADATA file is missing, empty or unreadable"):
     eval_loop.load_checkpoint(setup["cfg"], setup["model"],
                               os.path.join(workdir, "checkpoints", "4"), setup["mesh"])
+
+
+_TWO_HOSTS = """
+import os, sys
+from m2f_jax import parallel
+parallel.initialize_distributed(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from m2f_jax.training import workdir
+free, taken = sys.argv[3], sys.argv[4]
+with workdir.lock_for_run(free) as lock:
+  print("free:", "holds" if lock is not None else "no lock", flush=True)
+  multihost_utils.sync_global_devices("both inside")
+try:
+  with workdir.lock_for_run(taken):
+    print("taken: entered")
+except workdir.WorkdirError as e:
+  print("taken:", e)
+"""
+
+
+def test_only_the_chief_locks_and_a_refusal_stops_every_process(tmp_path):
+  free, taken = tmp_path / "free", tmp_path / "taken"
+  taken.mkdir()
+  (taken / workdir_lib.LOCK_FILE).write_text(json.dumps(dict(host="other-host", pid=1)))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, str(port), str(i), str(free),
+                             str(taken)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, out + err[-3000:]
+  chief, other = ([l for l in out.splitlines() if l.startswith(("free:", "taken:"))]
+                  for out, _ in outs)  # gloo prints to stdout too
+  assert chief[0] == "free: holds" and other[0] == "free: no lock"
+  assert not (free / workdir_lib.LOCK_FILE).exists()  # released
+  assert chief[1].startswith("taken: workdir ") and "in use by pid 1 on host other-host" in chief[1]
+  assert other[1] == f"taken: process 0 could not lock workdir {taken}; see its error"
+  assert json.loads((taken / workdir_lib.LOCK_FILE).read_text())["host"] == "other-host"
