@@ -55,12 +55,13 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
 
 
 def check_split(builder: tfds.core.DatasetBuilder, data_cfg, split: str) -> None:
-  """Raises ValueError naming the fix when the prepared `builder` lacks `split` (a split's base
-  name, e.g. 'train'; slices such as 'train[:10%]' are checked by their base name)."""
-  base = split.split("[", 1)[0]
-  if base not in builder.info.splits:
-    raise ValueError(
-        f"{data_cfg.name} in {builder.data_dir} has no split {base!r} (it has "
-        f"{sorted(builder.info.splits)}; a split whose files were missing from manual_dir is "
-        f"left out when the data set is built): add its files and delete {builder.data_dir} to "
-        "rebuild")
+  """Raises ValueError naming the fix when the prepared `builder` lacks a split that `split` reads
+  (a tfds split string: 'train', 'train[:10%]', 'train+validation')."""
+  for part in split.split("+"):
+    base = part.split("[", 1)[0].strip()
+    if base not in builder.info.splits:
+      raise ValueError(
+          f"{data_cfg.name} in {builder.data_dir} has no split {base!r} (it has "
+          f"{sorted(builder.info.splits)}; a split whose files were missing from manual_dir is "
+          f"left out when the data set is built): add its files and delete {builder.data_dir} "
+          "to rebuild")
