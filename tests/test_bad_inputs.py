@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors.numpy import save_file
 
 from configs import coco_panoptic_r50

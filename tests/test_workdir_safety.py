@@ -202,7 +202,8 @@ def test_every_step_damaged_is_one_clear_error_and_nothing_moves(setup, tmp_path
     _empty_metadata(os.path.join(workdir, "checkpoints", step))
   before = snapshot(workdir)
   with pytest.raises(variables_io.DamagedCheckpointError,
-                     match=r"checkpoints is damaged or incomplete .*steps \[4, 2\] are all damaged"):
+                     match=r"checkpoints is damaged or incomplete .*"
+                           r"steps \[4, 2\] are all damaged"):
     loop.train(setup["cfg"], workdir, make_iterator=no_train_steps)
   assert snapshot(workdir) == before
 
@@ -233,7 +234,8 @@ def test_eval_reads_the_newest_intact_step_and_says_why(setup, tmp_path):
 _TWO_HOSTS = """
 import os, sys
 from m2f_jax import parallel
-parallel.initialize_distributed(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+parallel.initialize_distributed(f"127.0.0.1:{sys.argv[1]}", num_processes=2,
+                                process_id=int(sys.argv[2]))
 from jax.experimental import multihost_utils
 from m2f_jax.training import workdir
 free, taken = sys.argv[3], sys.argv[4]

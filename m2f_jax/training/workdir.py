@@ -81,8 +81,8 @@ def read_stored_config(workdir: str) -> Optional[dict]:
     with open(path) as f:
       return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise WorkdirError(f"{path} is unreadable ({e}); restore it from a copy, or move it away to "
-                     "resume with the config given now") from None
+    raise WorkdirError(f"{path} is unreadable ({e}); restore it from a copy, or move it away "
+                       "to resume with the config given now") from None
 
 
 def check_resume_config(cfg: ml_collections.ConfigDict, workdir: str, has_checkpoint: bool) -> None:
