@@ -12,10 +12,13 @@ if __name__ == "__main__":
 
 import json
 import math
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from m2f_jax import command_line
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
                                           lock_config=True)
@@ -38,6 +41,7 @@ def main(argv):
   from m2f_jax import data  # pylint: disable=g-import-not-at-top
   from m2f_jax import models  # pylint: disable=g-import-not-at-top
   from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
+  from m2f_jax import variables_io  # pylint: disable=g-import-not-at-top
   from m2f_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from m2f_jax.evaluation import loop  # pylint: disable=g-import-not-at-top
 
@@ -49,7 +53,11 @@ def main(argv):
     raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be a multiple of the "
                      f"{mesh.devices.size} devices; set --config.eval.batch_size")
   model = models.build_model(cfg)
-  variables = loop.load_variables(cfg, model, checkpoint, mesh)
+  try:
+    variables, step_dir, why = loop.load_checkpoint(cfg, model, checkpoint, mesh)
+  except (FileNotFoundError, variables_io.DamagedCheckpointError) as e:
+    sys.exit(f"error: {e}")
+  print(f"evaluating {why}", flush=True)
   info = data.get_dataset_info(cfg.data)
   split = _SPLIT.value or cfg.data.get("eval_split", "validation")
   total = data.get_builder(cfg.data).info.splits[split].num_examples
@@ -58,7 +66,7 @@ def main(argv):
   batches = data.eval_iterator(cfg, split=split, process_index=jax.process_index(),
                                process_count=jax.process_count())
   summary = loop.evaluate(cfg, model, variables, batches, info, mesh, out_dir=out_dir,
-                          step=loop.checkpoint_step(checkpoint), checkpoint=checkpoint,
+                          step=loop.checkpoint_step(step_dir), checkpoint=step_dir,
                           num_visualize=_NUM_VISUALIZE.value,
                           total_batches=math.ceil(total / cfg.eval.batch_size))
   headline = evaluator.headline(summary)
@@ -71,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from m2f_jax import command_line
 from m2f_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
@@ -38,11 +39,16 @@ def main(argv):
                                   auto=_MULTIHOST.value)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TensorFlow (data, summaries) stays off accelerators
+  from m2f_jax import variables_io  # pylint: disable=g-import-not-at-top
   from m2f_jax.training import loop  # pylint: disable=g-import-not-at-top
-  _, finished = loop.train(_CONFIG.value, _WORKDIR.value)
+  from m2f_jax.training import workdir  # pylint: disable=g-import-not-at-top
+  try:
+    _, finished = loop.train(_CONFIG.value, _WORKDIR.value)
+  except (workdir.WorkdirError, variables_io.DamagedCheckpointError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
   if not finished:
     sys.exit(143)  # stopped by SIGTERM after saving a checkpoint
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

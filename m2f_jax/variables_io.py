@@ -27,22 +27,52 @@ def save_variables(directory: str, variables: Mapping[str, Any],
       f.write(cfg.to_json_best_effort(indent=2))
 
 
+class DamagedCheckpointError(ValueError):
+  """A checkpoint directory whose files cannot be read back (truncated, emptied, missing parts)."""
+
+  def __init__(self, path: str, cause: BaseException):
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()] or [""]
+    reason = f"{type(cause).__name__}: {lines[0][:160]}"
+    super().__init__(f"checkpoint {path} is damaged or incomplete ({reason})")
+    self.path = path
+
+
+def stored_tree(path: str) -> Any:
+  """The tree of array metadata (with .shape) stored in an orbax item directory `path`."""
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      item = ckptr.metadata(path).item_metadata
+    except Exception as e:  # pylint: disable=broad-except  # orbax raises many kinds here
+      raise DamagedCheckpointError(path, e) from e
+  tree = getattr(item, "tree", None)
+  if not isinstance(tree, Mapping):
+    raise DamagedCheckpointError(path, ValueError("its _METADATA file is missing, empty or unreadable"))
+  return tree
+
+
+def check_fits(path: str, target: Any) -> None:
+  """Raises ValueError (naming the differing entries) if the tree stored at `path` differs from `target`."""
+  _check_same_structure(stored_tree(path), target)
+
+
 def load_variables(directory: str, target: Optional[Any] = None) -> dict:
   """Reads the variables saved by `save_variables`.
 
   With `target` (a pytree of arrays or jax.ShapeDtypeStruct, e.g. from `jax.eval_shape(model.init, ...)`)
   the stored tree must match it exactly; a mismatch raises a ValueError naming the differing entries.
+  Files that cannot be read back raise DamagedCheckpointError naming the directory.
   """
   path = os.path.join(os.path.abspath(directory), "variables")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no model variables at {path} (expected a directory written by "
                             "`python -m m2f_jax.tools.convert` or `save_variables`)")
+  if target is not None:
+    check_fits(path, target)
   with ocp.StandardCheckpointer() as ckptr:
-    if target is None:
-      return ckptr.restore(path)
-    stored = ckptr.metadata(path).item_metadata.tree
-    _check_same_structure(stored, target)
-    return ckptr.restore(path, target)
+    try:
+      return ckptr.restore(path) if target is None else ckptr.restore(path, target)
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore raises plain Exception
+      raise DamagedCheckpointError(path, e) from e
 
 
 def load_config(directory: str) -> Optional[dict]:

@@ -6,7 +6,6 @@ mapped to transformers' in-memory names and converted by `m2f_jax.convert.hf`, w
 mapping to our parameter tree.
 """
 import os
-import pickle
 import re
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -22,17 +21,31 @@ from m2f_jax.models import build_model
 DROPPED = re.compile(r"(^criterion\.|relative_position_index$|num_batches_tracked$)")
 
 
+def _check_pickle_header(path: str, head: bytes) -> None:
+  """Raises ValueError naming what `path` is when its first bytes are not a pickle's."""
+  if head.startswith(b"PK\x03\x04"):
+    raise ValueError(f"{path} is a PyTorch zip checkpoint (torch.save), not a detectron2 pickle: "
+                     "pass the authors' .pkl, or call m2f_jax.convert.from_detectron2(state_dict, "
+                     f"cfg) with the 'model' dict of torch.load({path!r}, weights_only=True)")
+  if not head.startswith(b"\x80"):  # pickle protocol 2 and newer, which detectron2 writes
+    raise ValueError(f"{path} is not a pickle file (it starts with {head!r}); --src must be the "
+                     "authors' detectron2 checkpoint, e.g. model_final_94dc52.pkl")
+
+
 def load_detectron2_pickle(path: str) -> Dict[str, np.ndarray]:
   """The {name: array} model weights of a detectron2 `.pkl` checkpoint, read safely."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no detectron2 checkpoint at {path}")
   with open(path, "rb") as f:
+    _check_pickle_header(path, f.read(4))
+    f.seek(0)
     try:
       loaded = safe_pickle.ArraysOnlyUnpickler(f, "a detectron2 model file").load()
-    except pickle.UnpicklingError as e:
+    except safe_pickle.RefusedGlobal as e:
       raise ValueError(f"{path} is not a safe detectron2 checkpoint: {e}") from e
     except Exception as e:  # truncated or corrupt files raise many kinds of errors
-      raise ValueError(f"{path} could not be read as a detectron2 pickle: {e!r}") from e
+      raise ValueError(f"{path} is truncated or damaged ({type(e).__name__}: {e}); download "
+                       "the checkpoint again") from e
   if isinstance(loaded, Mapping) and "model" in loaded:
     loaded = loaded["model"]
   if not isinstance(loaded, Mapping):

@@ -282,7 +282,12 @@ def load_hf_directory(directory: str):
                             "read; convert a pytorch_model.bin with save_pretrained first)")
   state_dict = {}
   for shard in shards:
-    state_dict.update(load_file(os.path.join(directory, shard)))
+    path = os.path.join(directory, shard)
+    try:
+      state_dict.update(load_file(path))
+    except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+      raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated: "
+                       "download it again") from e
   return hf_config, state_dict
 
 

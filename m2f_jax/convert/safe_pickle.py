@@ -43,6 +43,10 @@ LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 LEGACY_PROTOCOL = 1001
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+  """The pickle asks for a callable that is not on the allowed list."""
+
+
 class ArraysOnlyUnpickler(pickle.Unpickler):
   """Unpickler that refuses every global except numpy array reconstruction and OrderedDict.
 
@@ -59,7 +63,7 @@ class ArraysOnlyUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     allowed = self.allowed_global(module, name)
     if allowed is None:
-      raise pickle.UnpicklingError(
+      raise RefusedGlobal(
           f"refusing to load {module}.{name} from the checkpoint: {self._what} holds only arrays "
           "and plain containers, and anything else could run code")
     return allowed

@@ -5,6 +5,7 @@ Semantic: annotation PNG value v in 1..150 is class v - 1, 0 is ignore (as the a
 class, as in the authors' semantic mapper. Panoptic: the COCO-panoptic-format files that the
 authors' `prepare_ade20k_pan_seg.py` writes next to the images.
 """
+import functools
 import glob
 import os
 import re
@@ -63,15 +64,17 @@ class M2fAde20kSemantic(builders_base.ManualBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._manual_path(dl_manager, "ADEChallengeData2016", ".")
-    splits = {}
-    for split, folder, _ in _SPLITS:
+
+    def split_examples(split, folder):
       image_dir = os.path.join(root, "images", folder)
       label_dir = os.path.join(root, "annotations", folder)
       for path in (image_dir, label_dir):
         if not os.path.isdir(path):
           raise FileNotFoundError(f"{path} missing; expected layout:\n{_LAYOUT}")
-      splits[split] = self._generate_examples(image_dir, label_dir, split == "train")
-    return splits
+      return self._generate_examples(image_dir, label_dir, split == "train")
+
+    return self._splits_on_disk({split: functools.partial(split_examples, split, folder)
+                                 for split, folder, _ in _SPLITS})
 
   def _generate_examples(self, *args):
     return generate_semantic(*args)
@@ -84,14 +87,18 @@ class M2fAde20kPanoptic(builders_base.ManualBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._manual_path(dl_manager, "ADEChallengeData2016", ".")
-    splits = {}
-    for split, folder, short in _SPLITS:
+
+    def split_examples(split, folder, short):
       json_path = os.path.join(root, f"ade20k_panoptic_{short}.json")
       png_dir = os.path.join(root, f"ade20k_panoptic_{short}")
       image_dir = os.path.join(root, "images", folder)
-      splits[split] = self._generate_examples(json_path, png_dir, image_dir, NUM_CLASSES,
-                                              split == "train")
-    return splits
+      for path in (json_path, png_dir, image_dir):
+        if not os.path.exists(path):
+          raise FileNotFoundError(f"{path} missing; expected layout:\n{_LAYOUT}")
+      return self._generate_examples(json_path, png_dir, image_dir, NUM_CLASSES, split == "train")
+
+    return self._splits_on_disk({split: functools.partial(split_examples, split, folder, short)
+                                 for split, folder, short in _SPLITS})
 
   def _generate_examples(self, *args):
     return coco.generate_panoptic(*args)

@@ -34,6 +34,24 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         f"{self.name}: none of {list(candidates)} found under the manual directory {root}. "
         f"Expected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
+  def _splits_on_disk(self, makers: dict) -> dict:
+    """{split: examples} of the splits whose files exist (a data set may come with its validation
+    split only); `makers` maps each split to a function returning its examples that raises
+    FileNotFoundError when the split's files are missing. With none on disk, the first error is
+    raised; missing splits are left out with a warning."""
+    splits, missing = {}, {}
+    for split, make in makers.items():
+      try:
+        splits[split] = make()
+      except FileNotFoundError as e:
+        missing[split] = e
+    if not splits:
+      raise next(iter(missing.values()))
+    for split, error in missing.items():
+      logging.warning("%s: building without the %s split, whose files are missing (%s)", self.name,
+                      split, str(error).splitlines()[0])
+    return splits
+
 
 class SkipCounter:
   """Counts images skipped for a reason and logs the total once a split is done."""

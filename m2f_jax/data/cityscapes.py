@@ -7,6 +7,7 @@ semantic and panoptic, the 8 classes with instances (0..7) for instance segmenta
 ignored in evaluation (train id 255, including caravan and trailer) are no target.
 """
 import dataclasses
+import functools
 import glob
 import os
 
@@ -100,13 +101,15 @@ class M2fCityscapes(builders_base.ManualBuilder):
                                                                  "panoptic")]
 
   def _split_generators(self, dl_manager):
-    splits = {}
-    for split, folder in (("train", "train"), ("validation", "val")):
+
+    def split_examples(split, folder):
       image_root = self._manual_path(dl_manager, os.path.join("leftImg8bit", folder))
       gt_root = self._manual_path(dl_manager, os.path.join("gtFine", folder))
-      splits[split] = self._generate_examples(image_root, gt_root, self.builder_config.task,
-                                              split == "train")
-    return splits
+      return self._generate_examples(image_root, gt_root, self.builder_config.task,
+                                     split == "train")
+
+    return self._splits_on_disk({split: functools.partial(split_examples, split, folder)
+                                 for split, folder in (("train", "train"), ("validation", "val"))})
 
   def _generate_examples(self, *args):
     return generate(*args)

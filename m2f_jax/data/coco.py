@@ -5,6 +5,7 @@ panoptic builder reuses. Train splits skip images without any segment (counted a
 the authors filter them); validation splits keep them.
 """
 import collections
+import functools
 import json
 import os
 
@@ -139,7 +140,9 @@ _COCO_LAYOUT = """manual_dir/
   train2017/*.jpg  val2017/*.jpg
   annotations/panoptic_{train,val}2017.json
   annotations/panoptic_{train,val}2017/*.png   (or panoptic_{train,val}2017/*.png)
-  annotations/instances_{train,val}2017.json"""
+  annotations/instances_{train,val}2017.json
+(a split whose files are missing is left out: validation alone can be evaluated)"""
+_SPLITS = (("train", "train2017"), ("validation", "val2017"))
 
 
 class M2fCocoPanoptic(builders_base.ManualBuilder):
@@ -149,13 +152,15 @@ class M2fCocoPanoptic(builders_base.ManualBuilder):
 
   def _split_generators(self, dl_manager):
     k = info_lib.dataset_info_by_name("coco_panoptic").num_classes
-    splits = {}
-    for split, name in (("train", "train2017"), ("validation", "val2017")):
+
+    def split_examples(split, name):
       json_path = self._manual_path(dl_manager, f"annotations/panoptic_{name}.json")
       png_dir = self._manual_path(dl_manager, f"annotations/panoptic_{name}", f"panoptic_{name}")
       image_dir = self._manual_path(dl_manager, name)
-      splits[split] = self._generate_examples(json_path, png_dir, image_dir, k, split == "train")
-    return splits
+      return self._generate_examples(json_path, png_dir, image_dir, k, split == "train")
+
+    return self._splits_on_disk({split: functools.partial(split_examples, split, name)
+                                 for split, name in _SPLITS})
 
   def _generate_examples(self, *args):
     return generate_panoptic(*args)
@@ -168,12 +173,14 @@ class M2fCocoInstance(builders_base.ManualBuilder):
 
   def _split_generators(self, dl_manager):
     k = info_lib.dataset_info_by_name("coco_instance").num_classes
-    splits = {}
-    for split, name in (("train", "train2017"), ("validation", "val2017")):
+
+    def split_examples(split, name):
       json_path = self._manual_path(dl_manager, f"annotations/instances_{name}.json")
       image_dir = self._manual_path(dl_manager, name)
-      splits[split] = self._generate_examples(json_path, image_dir, k, split == "train")
-    return splits
+      return self._generate_examples(json_path, image_dir, k, split == "train")
+
+    return self._splits_on_disk({split: functools.partial(split_examples, split, name)
+                                 for split, name in _SPLITS})
 
   def _generate_examples(self, *args):
     return generate_instances(*args)

@@ -138,6 +138,7 @@ def train_iterator(cfg, start_step: int = 0, process_index: int = 0, process_cou
     raise ValueError(f"start_step must be >= 0, got {start_step}")
   local_batch = cfg.batch_size // process_count
   builder = registry.get_builder(cfg.data)
+  registry.check_split(builder, cfg.data, cfg.data.get("train_split", "train"))
   split = tfds.even_splits(cfg.data.get("train_split", "train"), n=process_count)[process_index]
   num_examples = builder.info.splits[split].num_examples
   if num_examples == 0:

@@ -52,3 +52,16 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
         manual_dir=data_cfg.manual_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP,
         try_download_gcs=False))
   return builder
+
+
+def check_split(builder: tfds.core.DatasetBuilder, data_cfg, split: str) -> None:
+  """Raises ValueError naming the fix when the prepared `builder` lacks a split that `split` reads
+  (a tfds split string: 'train', 'train[:10%]', 'train+validation')."""
+  for part in split.split("+"):
+    base = part.split("[", 1)[0].strip()
+    if base not in builder.info.splits:
+      raise ValueError(
+          f"{data_cfg.name} in {builder.data_dir} has no split {base!r} (it has "
+          f"{sorted(builder.info.splits)}; a split whose files were missing from manual_dir is "
+          f"left out when the data set is built): add its files and delete {builder.data_dir} "
+          "to rebuild")

@@ -18,16 +18,22 @@ from m2f_jax.inference import visualize
 
 
 # ---------------------------------------------------------------- model and variables
-def load_variables(cfg: ml_collections.ConfigDict, model: Any, path: str, mesh) -> dict:
-  """Variables of a train workdir (latest step), a step directory or a converted variables dir,
-  checked against the model built from `cfg` and replicated over the mesh."""
+def load_checkpoint(cfg: ml_collections.ConfigDict, model: Any, path: str, mesh) -> tuple[dict, str, str]:
+  """Variables of a train workdir (newest intact step), a step directory or a converted variables
+  dir, checked against the model built from `cfg` and replicated over the mesh; with the
+  directory read and a sentence saying which checkpoint that is and why."""
   from m2f_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from m2f_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   abstract = jax.eval_shape(lambda k: state_lib.init_variables(model, k, tuple(cfg.data.image_size)),
                             jax.random.key(0))
   sharding = parallel.replicated(mesh)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
-  return checkpointing.restore_variables(path, target)
+  return checkpointing.restore_newest_variables(path, target)
+
+
+def load_variables(cfg: ml_collections.ConfigDict, model: Any, path: str, mesh) -> dict:
+  """The variables of `load_checkpoint`."""
+  return load_checkpoint(cfg, model, path, mesh)[0]
 
 
 def make_predict_fn(model: Any, mesh):

@@ -14,6 +14,18 @@ VOID = 0
 _OFFSET = 2 ** 32
 
 
+def _by_segment_id(segments: Sequence[Mapping], side: str, image_id) -> dict:
+  """{segment id: segment}; a ValueError names an id listed twice (panopticapi keeps the last)."""
+  out = {}
+  for segment in segments:
+    key = int(segment["id"])
+    if key in out:
+      raise ValueError(f"image {image_id}: segment id {key} is listed twice in the {side}'s "
+                       "segments_info; each segment needs its own id")
+    out[key] = segment
+  return out
+
+
 class PQStat:
   """Per-category sums over images: IoU of matches, TP, FP, FN."""
 
@@ -37,8 +49,8 @@ class PQStat:
     if gt_map.shape != pred_map.shape:
       raise ValueError(f"image {image_id}: prediction {pred_map.shape} and ground truth {gt_map.shape} "
                        "differ in size")
-    gt_segs = {int(s["id"]): s for s in gt_segments}
-    pred_segs = {int(s["id"]): s for s in pred_segments}
+    gt_segs = _by_segment_id(gt_segments, "ground truth", image_id)
+    pred_segs = _by_segment_id(pred_segments, "prediction", image_id)
     gt_area = {i: int(s["area"]) if "area" in s else None for i, s in gt_segs.items()}
     if any(a is None for a in gt_area.values()):
       ids, counts = np.unique(gt_map, return_counts=True)

@@ -14,6 +14,30 @@ from m2f_jax.evaluation import panoptic_format
 from m2f_jax.evaluation.panoptic_quality import PQStat, format_table
 
 
+def _by_image(data: dict, path: str) -> dict:
+  """{image_id: annotation}; a ValueError names an image annotated twice (panopticapi keeps one)."""
+  out = {}
+  for ann in data.get("annotations", []):
+    image_id = ann["image_id"]
+    if image_id in out:
+      raise ValueError(f"{path} has two annotations for image_id {image_id!r}; keep one per image")
+    out[image_id] = ann
+  return out
+
+
+def _missing_prediction(image_id, pred: dict, pred_json: str, gt_json: str) -> Exception:
+  """The error for a ground-truth image without prediction: string ids against integer ids (which
+  never match) are named as such."""
+  other_type = [i for i in pred if isinstance(i, str) != isinstance(image_id, str)]
+  if other_type:
+    strings, integers = (gt_json, pred_json) if isinstance(image_id, str) else (pred_json, gt_json)
+    example = image_id if isinstance(image_id, str) else sorted(other_type)[0]
+    return ValueError(f"{strings} has string image ids (e.g. {example!r}) but {integers} has "
+                      "integer ids: write integer ids (m2f_jax.tools.predict does for all-digit "
+                      "file names such as 000000142238.jpg)")
+  return KeyError(f"no prediction for image {image_id} in {pred_json}")
+
+
 def evaluate_files(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str) -> dict:
   """PQ of COCO-format panoptic predictions against COCO-format ground truth (fractions)."""
   gt = panoptic_format.read_json(gt_json)
@@ -21,12 +45,12 @@ def evaluate_files(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str) -> 
   if "categories" not in gt:
     raise ValueError(f"{gt_json} has no 'categories' list")
   categories = {int(c["id"]): bool(c.get("isthing", 0)) for c in gt["categories"]}
-  pred_by_image = {a["image_id"]: a for a in pred.get("annotations", [])}
+  gt_by_image = _by_image(gt, gt_json)
+  pred_by_image = _by_image(pred, pred_json)
   stat = PQStat()
-  for gt_ann in gt.get("annotations", []):
-    image_id = gt_ann["image_id"]
+  for image_id, gt_ann in gt_by_image.items():
     if image_id not in pred_by_image:
-      raise KeyError(f"no prediction for image {image_id} in {pred_json}")
+      raise _missing_prediction(image_id, pred_by_image, pred_json, gt_json)
     pred_ann = pred_by_image[image_id]
     gt_map = panoptic_format.read_id_png(os.path.join(gt_dir, gt_ann["file_name"]))
     pred_map = panoptic_format.read_id_png(os.path.join(pred_dir, pred_ann["file_name"]))
@@ -46,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   try:
     summary = evaluate_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
   except (OSError, KeyError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
   print(format_table(summary))
   out = args.out or os.path.splitext(args.pred_json)[0] + "_pq.json"
   with open(out, "w") as f:

@@ -10,6 +10,7 @@ model.safetensors.index.json); the model section comes from config.json, the res
 recipe. DIR receives the variables and the config (m2f_jax.variables_io).
 """
 import os
+import sys
 from typing import Optional
 
 from absl import app
@@ -58,7 +59,10 @@ def main(argv):
   for name in ("from", "src", "out"):
     if flags.FLAGS[name].value is None:
       raise app.UsageError(f"--{name} is required")
-  convert(flags.FLAGS["from"].value, flags.FLAGS.src, flags.FLAGS.out, _CONFIG.value)
+  try:
+    convert(flags.FLAGS["from"].value, flags.FLAGS.src, flags.FLAGS.out, _CONFIG.value)
+  except (OSError, ValueError) as e:
+    sys.exit(f"error: {e}")
   print(f"wrote {os.path.abspath(flags.FLAGS.out)}")
 
 

@@ -1,21 +1,29 @@
 """Segments images with a trained model and writes pictures and COCO panoptic files.
 
-  python -m m2f_jax.tools.predict --config configs/NAME.py --checkpoint PATH IMAGE... --out DIR
+  python -m m2f_jax.tools.predict --config configs/NAME.py --checkpoint PATH --out DIR INPUT...
 
-For each IMAGE (any format PIL reads) writes DIR/NAME_{panoptic,instance,semantic}.png overlays (the
-tasks of cfg.eval.tasks) and, with panoptic on, DIR/panoptic/NAME.png (COCO panoptic PNG, id =
-R + 256 G + 256^2 B) listed in DIR/panoptic/panoptic.json (category ids are the contiguous 0..K-1).
-PATH is a training workdir, a checkpoint step directory or a converted variables directory.
+INPUT is an image file (any format and mode PIL reads; EXIF orientation is applied, 16-bit PNGs
+are scaled to 8 bits, see m2f_jax.image_io) or a directory (every image under it). Each image gets
+a distinct output NAME: its path relative to the inputs' common directory, without extension
+('dir/a' for 'in/dir/a.jpg'; inputs that would share one keep their extension, 'a_jpg' and 'a_png').
+Writes DIR/NAME_{panoptic,instance,semantic}.png overlays (the tasks of cfg.eval.tasks) and, with
+panoptic on, DIR/panoptic/NAME.png (COCO panoptic PNG, id = R + 256 G + 256^2 B) listed in
+DIR/panoptic/panoptic.json with the data set's own category ids and, for all-digit file names
+(COCO's '000000142238.jpg'), integer image ids, so that `python -m m2f_jax.evaluation.pq` scores
+it against the data set's JSON. PATH is a training workdir, a checkpoint step directory or a
+converted variables directory.
 """
 import os
 import sys
-from typing import Sequence
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
+
+from m2f_jax import command_line
+from m2f_jax import image_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
                                           lock_config=True)
@@ -26,15 +34,14 @@ _INSTANCE_THRESHOLD = flags.DEFINE_float("instance_score_threshold", 0.5,
                                          "Instances drawn in the overlay have at least this score.")
 
 
-def read_images(paths: Sequence[str]) -> list:
-  """uint8 RGB arrays [H, W, 3]; raises ValueError listing every unreadable file."""
+def read_images(paths) -> list:
+  """uint8 RGB arrays [H, W, 3], upright; raises ValueError listing every unreadable file."""
   images, errors = [], []
   for path in paths:
     try:
-      with Image.open(path) as image:
-        images.append(np.asarray(image.convert("RGB")))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      errors.append(f"  {path}: {e}")
+      images.append(image_io.read_rgb(path))
+    except ValueError as e:
+      errors.append(f"  {e}")
   if errors:
     raise ValueError("cannot read these images:\n" + "\n".join(errors))
   return images
@@ -58,15 +65,16 @@ def prepare_input(image: np.ndarray, data_cfg, divisor: int = 32):
 
 
 def main(argv):
-  paths = argv[1:]
-  if not paths:
-    raise app.UsageError("give at least one IMAGE path")
+  if not argv[1:]:
+    raise app.UsageError("give at least one IMAGE file or directory")
   if not (_CHECKPOINT.value and _OUT.value):
     raise app.UsageError("--checkpoint and --out are required")
   try:
+    paths = image_io.expand_inputs(argv[1:])
     images = read_images(paths)
   except ValueError as e:
     sys.exit(f"error: {e}")
+  names = image_io.output_names(paths)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   import jax  # pylint: disable=g-import-not-at-top
@@ -74,6 +82,7 @@ def main(argv):
   from m2f_jax import data  # pylint: disable=g-import-not-at-top
   from m2f_jax import models  # pylint: disable=g-import-not-at-top
   from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
+  from m2f_jax import variables_io  # pylint: disable=g-import-not-at-top
   from m2f_jax.evaluation import loop  # pylint: disable=g-import-not-at-top
   from m2f_jax.evaluation import panoptic_format  # pylint: disable=g-import-not-at-top
   from m2f_jax.inference import postprocess  # pylint: disable=g-import-not-at-top
@@ -83,7 +92,11 @@ def main(argv):
   info = data.get_dataset_info(cfg.data)
   mesh = parallel.make_mesh()
   model = models.build_model(cfg)
-  variables = loop.load_variables(cfg, model, _CHECKPOINT.value, mesh)
+  try:
+    variables, _, why = loop.load_checkpoint(cfg, model, _CHECKPOINT.value, mesh)
+  except (FileNotFoundError, variables_io.DamagedCheckpointError) as e:
+    sys.exit(f"error: {e}")
+  print(f"predicting with {why}", flush=True)
   predict = jax.jit(lambda v, x: {k: o[-1] for k, o in model.apply(v, x, train=False).items()})
   post = postprocess.PostProcessor(tuple(cfg.eval.tasks), info.is_thing, cfg.eval.object_mask_threshold,
                                    cfg.eval.overlap_threshold, cfg.eval.top_k)
@@ -91,8 +104,9 @@ def main(argv):
   out_dir = _OUT.value
   os.makedirs(out_dir, exist_ok=True)
   annotations = []
-  for path, image in zip(paths, images):
-    name = os.path.splitext(os.path.basename(path))[0]
+  for path, image, name, image_id in zip(paths, images, names, image_io.image_ids(names)):
+    if os.path.dirname(name):
+      os.makedirs(os.path.join(out_dir, os.path.dirname(name)), exist_ok=True)
     resized, (pad_h, pad_w) = prepare_input(image, cfg.data)
     padded = np.broadcast_to(mean, (1, pad_h, pad_w, 3)).copy()
     padded[0, :resized.shape[0], :resized.shape[1]] = resized
@@ -102,10 +116,10 @@ def main(argv):
     written = []
     if "panoptic" in result:
       segment_map, segments = result["panoptic"]
-      os.makedirs(os.path.join(out_dir, "panoptic"), exist_ok=True)
+      os.makedirs(os.path.dirname(os.path.join(out_dir, "panoptic", name)), exist_ok=True)
       panoptic_format.write_id_png(os.path.join(out_dir, "panoptic", name + ".png"), segment_map)
-      annotations.append(panoptic_format.annotation(name, name + ".png", segments,
-                                                    list(range(info.num_classes))))
+      annotations.append(panoptic_format.annotation(image_id, name + ".png", segments,
+                                                    info.category_ids))
       written.append(("panoptic", visualize.overlay_panoptic(image, segment_map, segments,
                                                              info.class_names)))
     if "instance" in result:
@@ -119,8 +133,8 @@ def main(argv):
       Image.fromarray(picture).save(os.path.join(out_dir, f"{name}_{task}.png"))
     print(f"{path}: " + ", ".join(f"{name}_{task}.png" for task, _ in written))
   if annotations:
-    categories = [dict(id=k, name=n, isthing=int(t))
-                  for k, (n, t) in enumerate(zip(info.class_names, info.is_thing))]
+    categories = [dict(id=i, name=n, isthing=int(t))
+                  for i, n, t in zip(info.category_ids, info.class_names, info.is_thing)]
     json_path = panoptic_format.write_predictions(os.path.join(out_dir, "panoptic"), annotations,
                                                   categories)
     print(f"COCO panoptic results: {json_path}")
@@ -128,4 +142,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

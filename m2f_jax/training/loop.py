@@ -18,6 +18,7 @@ from m2f_jax.training import checkpointing
 from m2f_jax.training import optimizer
 from m2f_jax.training import state as state_lib
 from m2f_jax.training import step as step_lib
+from m2f_jax.training import workdir as workdir_lib
 
 # make_iterator(cfg, start_step, process_index, process_count) -> iterator of local numpy batches
 IteratorFn = Callable[..., Iterator[dict]]
@@ -31,6 +32,18 @@ def check_run_config(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
   if cfg.init_from is not None and not os.path.isdir(cfg.init_from):
     raise FileNotFoundError(f"config.init_from={cfg.init_from!r} is not a directory")
+  if cfg.init_from is not None and not _holds_weights(cfg.init_from):
+    raise FileNotFoundError(
+        f"config.init_from={cfg.init_from!r} holds no model variables: give a directory written by "
+        "`python -m m2f_jax.tools.convert` (with a 'variables' folder) or a training workdir (with "
+        "'checkpoints/STEP')")
+
+
+def _holds_weights(path: str) -> bool:
+  """Whether `path` has a variables folder, a checkpoints folder or step folders."""
+  names = os.listdir(path)
+  return ("variables" in names or checkpointing.CHECKPOINT_DIR in names
+          or any(n.isdigit() and os.path.isdir(os.path.join(path, n, "variables")) for n in names))
 
 
 class _StopRequest:
@@ -147,6 +160,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model: Optional[Any] 
     checkpoint of the stopping step is on disk).
   """
   check_run_config(cfg)
+  workdir_lib.check_workdir_path(workdir)
+  with workdir_lib.lock_for_run(workdir):
+    return _train_in_locked_workdir(cfg, workdir, model=model, loss_fn=loss_fn,
+                                    make_iterator=make_iterator)
+
+
+def _train_in_locked_workdir(cfg, workdir, *, model, loss_fn, make_iterator):
+  """`train` once the workdir is locked: nothing is written there before the state is ready."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(cfg.batch_size, mesh)
   if model is None:
@@ -158,15 +179,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model: Optional[Any] 
     from m2f_jax.data import train_iterator as make_iterator  # pylint: disable=g-import-not-at-top
   is_chief = jax.process_index() == 0
 
-  os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-
   tx, schedule = optimizer.build_optimizer(cfg)
   init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints)
+  workdir_lib.check_resume_config(cfg, workdir, has_checkpoint=ckpt.latest_step() is not None)
   state = _initial_state(cfg, model, tx, mesh, ckpt, init_key)
+  if is_chief:
+    workdir_lib.write_config(cfg, workdir)
   step = int(jax.device_get(state.step))
   if is_chief:
     print(f"m2f_jax: {state_lib.num_params(state.params):,} parameters, {mesh.devices.size} "
