@@ -33,16 +33,28 @@ def load_variables(directory: str, target: Optional[Any] = None) -> dict:
   With `target` (a pytree of arrays or jax.ShapeDtypeStruct, e.g. from `jax.eval_shape(model.init, ...)`)
   the stored tree must match it exactly; a mismatch raises a ValueError naming the differing entries.
   """
-  path = os.path.join(os.path.abspath(directory), "variables")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no model variables at {path} (expected a directory written by "
-                            "`python -m m2f_jax.tools.convert` or `save_variables`)")
+  path = _variables_path(directory)
   with ocp.StandardCheckpointer() as ckptr:
     if target is None:
       return ckptr.restore(path)
     stored = ckptr.metadata(path).item_metadata.tree
     _check_same_structure(stored, target)
     return ckptr.restore(path, target)
+
+
+def stored_shapes(directory: str) -> dict:
+  """Shape of every array saved by `save_variables`, by name ('params/decoder/query_feat'),
+  read from the checkpoint's metadata (no array is loaded)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return _flatten(ckptr.metadata(_variables_path(directory)).item_metadata.tree)
+
+
+def _variables_path(directory: str) -> str:
+  path = os.path.join(os.path.abspath(directory), "variables")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no model variables at {path} (expected a directory written by "
+                            "`python -m m2f_jax.tools.convert` or `save_variables`)")
+  return path
 
 
 def load_config(directory: str) -> Optional[dict]:

@@ -100,3 +100,8 @@ def restore_variables(path: str, target: Optional[Any] = None) -> dict:
       result); the stored tree must match it, otherwise a ValueError names the differences.
   """
   return variables_io.load_variables(_step_directory(path), target)
+
+
+def variables_directory(path: str) -> str:
+  """The variables directory (m2f_jax.variables_io layout) that `restore_variables(path)` reads."""
+  return _step_directory(path)
