@@ -31,12 +31,14 @@ class DatasetInfo:
     num_classes: K.
     class_names: K names.
     is_thing: np.bool_ [K], True for countable classes.
+    category_ids: the data set's own id of each contiguous class (K ids).
   """
   name: str
   kind: str
   num_classes: int
   class_names: tuple[str, ...]
   is_thing: np.ndarray
+  category_ids: tuple[int, ...] = ()
 
 
 def _make(name: str, names, things) -> DatasetInfo:
@@ -73,5 +75,8 @@ def dataset_info_by_name(name: str) -> DatasetInfo:
 
 
 def get_dataset_info(data_cfg) -> DatasetInfo:
-  """DatasetInfo for `data_cfg.name` (see DATASET_KINDS for the names)."""
+  """DatasetInfo for `data_cfg.name` (see DATASET_KINDS for the names; 'custom' reads the data)."""
+  if data_cfg.name == "custom":
+    from m2f_jax.data import custom_files  # pylint: disable=g-import-not-at-top  (imports this module)
+    return custom_files.dataset_info(data_cfg)
   return dataset_info_by_name(data_cfg.name)
