@@ -53,10 +53,10 @@ def _load(checkpoint_dir, cfg):
   sharding = parallel.replicated(parallel.make_mesh())
   init = jax.jit(lambda: state_lib.init_variables(model, jax.random.key(1), (64, 64)),
                  out_shardings=sharding)
-  target = jax.eval_shape(init)
-  fresh = init()
-  variables, messages = init_from.load_variables(str(checkpoint_dir), target, lambda: fresh)
-  return variables, messages, fresh
+  once = {}
+  fresh = lambda: once.setdefault("variables", init())   # compiled only when needed
+  variables, messages = init_from.load_variables(str(checkpoint_dir), jax.eval_shape(init), fresh)
+  return variables, messages, fresh()
 
 
 def _flat(tree) -> dict:
