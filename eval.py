@@ -46,6 +46,7 @@ def main(argv):
   from m2f_jax.evaluation import loop  # pylint: disable=g-import-not-at-top
 
   cfg = _CONFIG.value
+  data.resolve_num_classes(cfg)  # a custom data set's class count
   checkpoint = _CHECKPOINT.value or _WORKDIR.value
   out_dir = _WORKDIR.value or checkpoint
   mesh = parallel.make_mesh()

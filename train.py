@@ -39,9 +39,11 @@ def main(argv):
                                   auto=_MULTIHOST.value)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TensorFlow (data, summaries) stays off accelerators
+  from m2f_jax import data  # pylint: disable=g-import-not-at-top
   from m2f_jax import variables_io  # pylint: disable=g-import-not-at-top
   from m2f_jax.training import loop  # pylint: disable=g-import-not-at-top
   from m2f_jax.training import workdir  # pylint: disable=g-import-not-at-top
+  data.resolve_num_classes(_CONFIG.value)  # a custom data set's class count
   try:
     _, finished = loop.train(_CONFIG.value, _WORKDIR.value)
   except (workdir.WorkdirError, variables_io.DamagedCheckpointError, FileNotFoundError) as e:

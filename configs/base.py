@@ -112,6 +112,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       # the built-in synthetic set (cfg.data.name='synthetic'); one tfds directory per setting
       synthetic=ml_collections.ConfigDict(dict(
           train_size=2000, validation_size=200, image_size=128, seed=0)),
+      # your own data set (cfg.data.name='custom'; see configs/custom.py, m2f_jax/data/custom_files.py)
+      custom=ml_collections.ConfigDict(dict(
+          format=config_dict.placeholder(str), classes=config_dict.placeholder(str),
+          **{f"{split}_{key}": config_dict.placeholder(str) for split in ("train", "val")
+             for key in ("images", "annotations", "panoptic_masks")})),
   ))
 
   # ---------------------------------------------------------------- evaluation / inference

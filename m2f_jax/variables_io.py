@@ -62,10 +62,7 @@ def load_variables(directory: str, target: Optional[Any] = None) -> dict:
   the stored tree must match it exactly; a mismatch raises a ValueError naming the differing entries.
   Files that cannot be read back raise DamagedCheckpointError naming the directory.
   """
-  path = os.path.join(os.path.abspath(directory), "variables")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no model variables at {path} (expected a directory written by "
-                            "`python -m m2f_jax.tools.convert` or `save_variables`)")
+  path = _variables_path(directory)
   if target is not None:
     check_fits(path, target)
   with ocp.StandardCheckpointer() as ckptr:
@@ -73,6 +70,20 @@ def load_variables(directory: str, target: Optional[Any] = None) -> dict:
       return ckptr.restore(path) if target is None else ckptr.restore(path, target)
     except Exception as e:  # pylint: disable=broad-except  # tensorstore raises plain Exception
       raise DamagedCheckpointError(path, e) from e
+
+
+def stored_shapes(directory: str) -> dict:
+  """Shape of every array saved by `save_variables`, by name ('params/decoder/query_feat'),
+  read from the checkpoint's metadata (no array is loaded)."""
+  return _flatten(stored_tree(_variables_path(directory)))
+
+
+def _variables_path(directory: str) -> str:
+  path = os.path.join(os.path.abspath(directory), "variables")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no model variables at {path} (expected a directory written by "
+                            "`python -m m2f_jax.tools.convert` or `save_variables`)")
+  return path
 
 
 def load_config(directory: str) -> Optional[dict]:

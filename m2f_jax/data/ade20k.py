@@ -44,16 +44,11 @@ def generate_semantic(image_dir: str, label_dir: str, skip_empty: bool):
     if label.max(initial=0) > NUM_CLASSES:
       raise ValueError(f"{label_path}: value {label.max()} above {NUM_CLASSES}")
     label = np.where(label == 0, 255, label.astype(np.int32) - 1)
-    image_bytes, size = example_format.read_image_bytes(image_path)
-    if size != label.shape:
-      raise ValueError(f"{label_path} is {label.shape}, its image {image_path} is {size}")
-    index_map, segments = example_format.semantic_segments(label)
-    if not segments and skip_empty:
+    if skip_empty and np.all(label == 255):
       skipped.add()
       continue
     image_id = _image_number(stem, i)
-    yield image_id, example_format.make_example(
-        image_bytes, image_id, os.path.basename(image_path), [index_map], segments)
+    yield image_id, example_format.semantic_example(image_path, label, label_path, image_id)
   skipped.log()
 
 

@@ -8,6 +8,7 @@ the masks are kept exact whatever their overlap. Panoptic and semantic data sets
 One format for every data set lets one tf.data pipeline serve them all.
 """
 import io
+import os
 
 import numpy as np
 from PIL import Image
@@ -88,6 +89,19 @@ def semantic_segments(label: np.ndarray) -> tuple[np.ndarray, list[dict]]:
                          bbox=mask_bbox(mask)))
     index_map[mask] = len(segments)
   return index_map, segments
+
+
+def semantic_example(image_path: str, label: np.ndarray, label_path: str, image_id: int) -> dict:
+  """Example of an image file and its class map [H, W] (255 = ignore) read from `label_path`.
+
+  One segment per class present, as the authors' semantic mapper; raises naming both files when
+  their sizes differ.
+  """
+  image_bytes, size = read_image_bytes(image_path)
+  if size != label.shape:
+    raise ValueError(f"{label_path} is {label.shape}, its image {image_path} is {size}")
+  index_map, segments = semantic_segments(label)
+  return make_example(image_bytes, image_id, os.path.basename(image_path), [index_map], segments)
 
 
 def index_map_from_ids(id_map: np.ndarray, segment_ids, where: str) -> np.ndarray:

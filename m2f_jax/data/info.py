@@ -86,5 +86,8 @@ def dataset_info_by_name(name: str) -> DatasetInfo:
 
 
 def get_dataset_info(data_cfg) -> DatasetInfo:
-  """DatasetInfo for `data_cfg.name` (see DATASET_KINDS for the names)."""
+  """DatasetInfo for `data_cfg.name` (see DATASET_KINDS for the names; 'custom' reads the data)."""
+  if data_cfg.name == "custom":
+    from m2f_jax.data import custom_files  # pylint: disable=g-import-not-at-top  (imports this module)
+    return custom_files.dataset_info(data_cfg)
   return dataset_info_by_name(data_cfg.name)

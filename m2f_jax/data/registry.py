@@ -6,6 +6,7 @@ import tensorflow_datasets as tfds
 from m2f_jax.data import ade20k
 from m2f_jax.data import cityscapes
 from m2f_jax.data import coco
+from m2f_jax.data import custom
 from m2f_jax.data import info as info_lib
 from m2f_jax.data import synthetic
 
@@ -22,6 +23,8 @@ _BUILDERS = {
 
 def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The tfds builder of `data_cfg.name` in `data_cfg.data_dir`, not prepared yet."""
+  if data_cfg.name == "custom":
+    return custom.M2fCustom(config=custom.custom_config(data_cfg.custom), data_dir=data_cfg.data_dir)
   info_lib.dataset_kind(data_cfg.name)
   if data_cfg.name == "synthetic":
     s = data_cfg.get("synthetic", None) or {}
@@ -38,11 +41,12 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
 def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The prepared tfds builder of `data_cfg.name`; prepares it offline if it is not there yet.
 
-  The synthetic set is generated; the others read `data_cfg.manual_dir` (official layout).
+  The synthetic set is generated; a custom one reads the files of `data_cfg.custom`; the
+  others read `data_cfg.manual_dir` (official layout).
   """
   builder = make_builder(data_cfg)
   if not builder.is_prepared():
-    if data_cfg.name != "synthetic" and not data_cfg.manual_dir:
+    if data_cfg.name not in ("synthetic", "custom") and not data_cfg.manual_dir:
       raise ValueError(
           f"Data set {data_cfg.name!r} is not prepared in {builder.data_dir} and "
           f"cfg.data.manual_dir is not set; point it at the official files:\n"

@@ -89,6 +89,7 @@ def main(argv):
   from m2f_jax.inference import visualize  # pylint: disable=g-import-not-at-top
 
   cfg = _CONFIG.value
+  data.resolve_num_classes(cfg)  # a custom data set's class count
   info = data.get_dataset_info(cfg.data)
   mesh = parallel.make_mesh()
   model = models.build_model(cfg)

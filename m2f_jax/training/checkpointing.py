@@ -177,3 +177,9 @@ def restore_variables(path: str, target: Optional[Any] = None) -> dict:
   """Model variables {'params', 'batch_stats'} of the newest intact checkpoint under `path`
   (see restore_newest_variables)."""
   return restore_newest_variables(path, target)[0]
+
+
+def variables_directory(path: str) -> str:
+  """The newest step directory under `path` (a workdir, its checkpoints directory or one step
+  directory), in the m2f_jax.variables_io layout."""
+  return _step_directories(path)[0]

@@ -12,9 +12,9 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from m2f_jax import parallel
-from m2f_jax import variables_io
 from m2f_jax.convert import imagenet_backbone
 from m2f_jax.training import checkpointing
+from m2f_jax.training import init_from
 from m2f_jax.training import optimizer
 from m2f_jax.training import state as state_lib
 from m2f_jax.training import step as step_lib
@@ -138,7 +138,7 @@ def _initial_state(cfg, model, tx, mesh, ckpt, init_key) -> state_lib.TrainState
     return ckpt.restore(abstract)
   if cfg.init_from is not None:
     target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
-    variables = variables_io.load_variables(cfg.init_from, target)
+    variables, _ = init_from.load_variables(cfg.init_from, target, lambda: init(init_key).variables)
     return state_lib.place_train_state(variables, tx, replicated)
   state = init(init_key)
   if cfg.model.backbone.get("init_from") is not None:  # ImageNet weights into the fresh backbone
