@@ -1,10 +1,11 @@
 """tf.data input pipelines: endless, resumable training batches and padded evaluation batches.
 
 Training order and augmentation are a pure function of (cfg.seed, process index, element index):
-each epoch is shuffled with a seed derived from (seed, process, epoch), and every example's
-augmentation draws from a stateless seed keyed on its element counter. A run restarted at
-`start_step` skips to its epoch and position without decoding anything and then yields exactly
-the batches an uninterrupted run would.
+each epoch reads this process's record files in an order drawn from (seed, process, epoch),
+interleaves them record by record and shuffles the stream through a buffer seeded the same way, and
+every example's augmentation draws from a stateless seed keyed on its element counter. A run
+restarted at `start_step` skips to its epoch and position without decoding anything and then
+yields exactly the batches an uninterrupted run would (with the same number of processes).
 """
 import logging
 import math
@@ -117,6 +118,41 @@ class _DropCounter:
       self._next_log = 2 * (self.layers + self.max)
 
 
+_FILES_READ_AT_ONCE = 16
+
+
+def _epoch_records_fn(builder, split, seed_base: int, shuffle_buffer: int):
+  """epoch (int64 scalar) -> that epoch's serialized records of `split`, in the epoch's order.
+
+  The record files (the parts of them in `split`) are put in a random order per epoch, read
+  16 at a time one record from each in turn, and the stream goes through a shuffle buffer; file
+  order and buffer both draw from (seed_base + epoch), so every epoch has its own order.
+  """
+  file_format = str(builder.info.file_format or "tfrecord").lower()
+  if "tfrecord" not in file_format:
+    raise ValueError(f"{builder.name} in {builder.data_dir} is stored as {file_format}; the training "
+                     "pipeline reads tfrecord files: prepare the data set again in a new data_dir")
+  instructions = builder.info.splits[split].file_instructions
+  files = tf.constant([str(i.filename) for i in instructions])
+  skips = tf.constant([int(i.skip) for i in instructions], tf.int64)
+  takes = tf.constant([int(i.take) if i.take >= 0 else int(i.examples_in_shard) - int(i.skip)
+                       for i in instructions], tf.int64)
+
+  def read(filename, skip, take):
+    return tf.data.TFRecordDataset(filename).skip(skip).take(take)
+
+  def epoch(e):
+    seed = tf.stack([tf.constant(seed_base, tf.int64), e])
+    order = tf.argsort(tf.random.stateless_uniform([len(instructions)], seed))
+    parts = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(files, order), tf.gather(skips, order), tf.gather(takes, order)))
+    records = parts.interleave(read, cycle_length=min(_FILES_READ_AT_ONCE, len(instructions)),
+                               block_length=1)
+    return records.shuffle(shuffle_buffer, seed=seed_base + e, reshuffle_each_iteration=False)
+
+  return epoch
+
+
 def train_iterator(cfg, start_step: int = 0, process_index: int = 0, process_count: int = 1):
   """Endless iterator of training batches (numpy dicts of the batch contract) for this process.
 
@@ -142,16 +178,14 @@ def train_iterator(cfg, start_step: int = 0, process_index: int = 0, process_cou
   num_examples = builder.info.splits[split].num_examples
   if num_examples == 0:
     raise ValueError(f"Split {split} of {cfg.data.name} has no examples")
-  records = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding())
   start = start_step * local_batch
   first_epoch, offset = divmod(start, num_examples)
   seed_base = (cfg.seed * 2**20 + process_index) * 2**20
-
-  def epoch(e):
-    return records.shuffle(max(min(cfg.data.shuffle_buffer, num_examples), 1),
-                           seed=seed_base + e, reshuffle_each_iteration=False)
-
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
+      _epoch_records_fn(builder, split, seed_base, max(min(cfg.data.shuffle_buffer, num_examples), 1)))
+  ds = ds.skip(offset).map(
+      lambda record: builder.info.features.deserialize_example(record, decoders=_skip_decoding()),
+      num_parallel_calls=cfg.data.num_parallel_calls, deterministic=True)
   ds = ds.enumerate(start=start)
   ds = ds.map(_train_example_fn(cfg, process_index),
               num_parallel_calls=cfg.data.num_parallel_calls, deterministic=True)
