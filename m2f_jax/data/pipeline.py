@@ -43,6 +43,10 @@ def _decode(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
   return image, tf.cast(layers, tf.int32)
 
 
+def _round_up(size: int, multiple: int = 32) -> int:
+  return -(-int(size) // multiple) * multiple
+
+
 def _check_data_cfg(cfg) -> None:
   d = cfg.data
   if d.augment not in _AUGMENTS:
@@ -56,6 +60,13 @@ def _check_data_cfg(cfg) -> None:
   if d.augment == "lsj" and not 0 < d.min_scale <= d.max_scale:
     raise ValueError(f"cfg.data.min_scale/max_scale must satisfy 0 < min <= max, got "
                      f"{d.min_scale}, {d.max_scale}")
+  pad_h, pad_w = tuple(d.eval_pad_size)
+  if pad_h < d.min_size_test or pad_w < d.max_size_test:
+    raise ValueError(
+        f"cfg.data.eval_pad_size={(pad_h, pad_w)} cannot hold a wide image at the test sizes "
+        f"(shortest side {d.min_size_test}, longest {d.max_size_test}); set it to at least "
+        f"({_round_up(d.min_size_test)}, {_round_up(d.max_size_test)}), or "
+        f"({_round_up(d.max_size_test)}, {_round_up(d.max_size_test)}) for tall images too")
   if d.segment_layers < 1 or d.max_targets < 1:
     raise ValueError("cfg.data.segment_layers and cfg.data.max_targets must be >= 1")
 
@@ -204,9 +215,10 @@ def _eval_example_fn(cfg):
 
   def fn(example):
     image, layers = _decode(example)
-    resized, valid_hw = transforms.eval_resize(image, d.min_size_test, d.max_size_test,
-                                               pad_size, pad_value)
+    resized, valid_hw, shrunk = transforms.eval_resize(image, d.min_size_test, d.max_size_test,
+                                                       pad_size, pad_value)
     return {"image": tf.ensure_shape(resized, pad_size + (3,)), "valid_hw": valid_hw,
+            "_shrunk": shrunk,
             "orig_hw": tf.shape(image)[:2], "image_id": example["image_id"],
             "layers": layers, "segments": example["segments"]}
 
@@ -254,9 +266,11 @@ def eval_iterator(cfg, split: str | None = None, process_index: int = 0,
   dataset_info = info_lib.get_dataset_info(cfg.data)
   pad_size = tuple(cfg.data.eval_pad_size)
   examples = ds.as_numpy_iterator()
+  shrunk = 0
   for _ in range(num_batches):
     rows, truths = [], []
     for example in examples:
+      shrunk += int(example.pop("_shrunk"))
       rows.append(example)
       truths.append(ground_truth_lib.ground_truth(example, dataset_info))
       if len(rows) == batch_size:
@@ -273,3 +287,9 @@ def eval_iterator(cfg, split: str | None = None, process_index: int = 0,
         "is_real": np.asarray(is_real),
         "ground_truth": truths,
     }
+  if shrunk:
+    logging.warning(
+        "%d evaluation images did not fit cfg.data.eval_pad_size=%s at the test sizes (shortest "
+        "side %d, longest %d) and were evaluated smaller; a frame of (%d, %d) holds every image.",
+        shrunk, pad_size, cfg.data.min_size_test, cfg.data.max_size_test,
+        _round_up(cfg.data.max_size_test), _round_up(cfg.data.max_size_test))
