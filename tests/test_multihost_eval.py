@@ -3,10 +3,12 @@ and 1 x 1 (panoptic, instance, semantic), and training with in-loop evaluation r
 
 Run as a script (`python tests/test_multihost_eval.py MODE ROOT [PROCESS_ID PORT]`), it evaluates
 ROOT/vars on the synthetic validation set in ROOT/tfds and writes ROOT/MODE.json; mode 'multi'
-then trains 2 steps with evaluation at step 2 in ROOT/train.
+then trains in ROOT/train with evaluation every 2 steps, and process 1 alone gets a SIGTERM during
+step 3: the processes agree on it at step 4 (stop_check_every=2) and both stop there.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +53,12 @@ def worker(mode: str, root: str, process_id: int = 0, port: int = 0) -> None:
   from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
   if mode == "multi":
     parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    # Gloo gives a set of devices 30 s to join its first collective; on a loaded test machine
+    # one process can be further behind, so both meet at a coordination-service barrier first.
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    distributed.global_state.client.wait_at_barrier("tests_start", 600_000)
+    multihost_utils.sync_global_devices("gloo context for all devices")
   summary = evaluate(root)
   summary.pop("seconds")
   if jax.process_index() == 0:
@@ -61,11 +69,17 @@ def worker(mode: str, root: str, process_id: int = 0, port: int = 0) -> None:
     from m2f_jax.training import loop  # pylint: disable=g-import-not-at-top
     cfg = tiny_config(root)
     cfg.batch_size = 8
-    cfg.total_steps = cfg.eval_every = cfg.checkpoint_every = 2
-    cfg.stop_check_every = 2
-    _, finished = loop.train(cfg, os.path.join(root, "train"),
-                             make_iterator=test_training.synthetic_batches)
-    assert finished
+    cfg.total_steps, cfg.eval_every, cfg.checkpoint_every, cfg.stop_check_every = 6, 2, 6, 2
+
+    def batches(cfg, start_step, process_index, process_count):
+      for i, batch in enumerate(test_training.synthetic_batches(cfg, start_step, process_index,
+                                                                process_count)):
+        if process_index == 1 and start_step + i == 2:  # the batch of step 3
+          os.kill(os.getpid(), signal.SIGTERM)
+        yield batch
+
+    _, finished = loop.train(cfg, os.path.join(root, "train"), make_iterator=batches)
+    assert not finished
 
 
 def _env(devices: int) -> dict:
@@ -118,7 +132,9 @@ def test_two_processes_equal_one_of_eight_and_one_device(runs):
   assert json.dumps(runs["multi"]) == json.dumps(runs["single"]) == json.dumps(one)
 
 
-def test_training_with_evaluation_on_two_processes(runs):
+def test_training_with_evaluation_and_sigterm_on_two_processes(runs):
+  """Evaluation at step 2 on both processes (process 0 writes); a SIGTERM that only process 1 got
+  during step 3 stops both at step 4, the next agreement step, with a checkpoint there."""
   train = os.path.join(runs["root"], "train")
   with open(os.path.join(train, "eval_history.jsonl")) as f:
     lines = [json.loads(line) for line in f]
@@ -126,6 +142,9 @@ def test_training_with_evaluation_on_two_processes(runs):
   with open(os.path.join(train, "best", "metric.json")) as f:
     assert json.load(f) == {"step": 2, "metric": "panoptic/PQ", "value": lines[0]["panoptic/PQ"]}
   assert "eval at step 2" in runs["logs"][1] and "eval at step 2" not in runs["logs"][2]
+  assert "SIGTERM: saved a checkpoint at step 4 and stopped" in runs["logs"][1]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(train, "checkpoints")) if s.isdigit())
+  assert steps == [2, 4], steps
 
 
 if __name__ == "__main__":
