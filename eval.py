@@ -2,7 +2,9 @@
 of a training run) or `--checkpoint PATH` (a step directory or a variables directory written by
 `python -m m2f_jax.tools.convert`). Runs every task of cfg.eval.tasks the data set supports and
 writes eval_metrics.json, TensorBoard scalars (tensorboard/eval) and overlay pictures to the workdir
-(or, without --workdir, beside the checkpoint).
+(or, without --workdir, beside the checkpoint). Multi-host: the flags of train.py
+(--coordinator_address/--num_processes/--process_id or --multihost); every process evaluates its
+shard of the split, the metrics are merged exactly and process 0 writes the files.
 """
 from m2f_jax import host_memory  # pylint: disable=g-bad-import-order
 
@@ -19,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from m2f_jax import command_line
+from m2f_jax import multihost_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
                                           lock_config=True)
@@ -35,6 +38,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not (_WORKDIR.value or _CHECKPOINT.value):
     raise app.UsageError("give --workdir (evaluate its latest checkpoint) or --checkpoint PATH")
+  multihost_flags.initialize_from_flags()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TensorFlow (data, summaries) stays off accelerators
   import jax  # pylint: disable=g-import-not-at-top
@@ -70,6 +74,8 @@ def main(argv):
                           step=loop.checkpoint_step(step_dir), checkpoint=step_dir,
                           num_visualize=_NUM_VISUALIZE.value,
                           total_batches=math.ceil(total / cfg.eval.batch_size))
+  if jax.process_index() != 0:
+    return
   headline = evaluator.headline(summary)
   print(json.dumps(headline, indent=2))
   main_metrics = [(n, headline[k]) for n, k in (("PQ", "panoptic/PQ"), ("AP", "instance/AP"),

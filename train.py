@@ -18,15 +18,11 @@ from absl import logging
 from ml_collections import config_flags
 
 from m2f_jax import command_line
-from m2f_jax import parallel
+from m2f_jax import multihost_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Let JAX detect the cluster (TPU pod, SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,8 +31,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  auto=_MULTIHOST.value)
+  multihost_flags.initialize_from_flags()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TensorFlow (data, summaries) stays off accelerators
   from m2f_jax import data  # pylint: disable=g-import-not-at-top

@@ -127,6 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       tta_scales=(),                           # e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for semantic TTA
       tta_flip=False,
       max_images=config_dict.placeholder(int),
+      best_metric=config_dict.placeholder(str),  # WORKDIR/best/ by this (None: first task's headline)
   ))
 
   # ---------------------------------------------------------------- run
@@ -135,6 +136,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 5000
   c.keep_checkpoints = 3
   c.log_every = 50
+  c.eval_every = 5000                          # in-training evaluation (0: off), as the authors
+  c.stop_check_every = 10                      # multi-host: steps between SIGTERM agreements
   c.seed = 0
   c.init_from = config_dict.placeholder(str)  # converted checkpoint dir to start from
   return c

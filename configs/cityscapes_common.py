@@ -9,6 +9,6 @@ def cityscapes_config(task: str, num_classes: int, tasks: tuple):
       num_classes=num_classes, total_steps=90_000, crop=(512, 1024), short_side=1024,
       max_size_train=4096, min_size_test=1024, max_size_test=2048)
   c.model.backbone = base.resnet_backbone(50, norm="sync_bn")
-  c.data.eval_pad_size = (1024, 2048)
+  c.data.eval_pad_size = (1024, 2048)           # Cityscapes images are 1024x2048 (wider ones fit too)
   c.eval.tasks = tasks
   return c

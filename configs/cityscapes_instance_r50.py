@@ -1,4 +1,7 @@
-"""Cityscapes instance segmentation, ResNet-50 with synchronised BatchNorm (AP 37.4 in the paper)."""
+"""Cityscapes instance segmentation, ResNet-50 with synchronised BatchNorm (AP 37.4 in the paper).
+
+Reproduces the authors' cityscapes/instance-segmentation/maskformer2_R50_bs16_90k.yaml.
+"""
 # ImageNet backbone: --config.model.backbone.init_from=R-50.pkl (detectron2 ImageNetPretrained/torchvision/R-50.pkl)
 from configs.cityscapes_common import cityscapes_config
 

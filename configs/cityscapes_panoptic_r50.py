@@ -1,4 +1,7 @@
-"""Cityscapes panoptic segmentation, ResNet-50 with synchronised BatchNorm (PQ 62.1 in the paper)."""
+"""Cityscapes panoptic segmentation, ResNet-50 with synchronised BatchNorm (PQ 62.1 in the paper).
+
+Reproduces the authors' cityscapes/panoptic-segmentation/maskformer2_R50_bs16_90k.yaml.
+"""
 # ImageNet backbone: --config.model.backbone.init_from=R-50.pkl (detectron2 ImageNetPretrained/torchvision/R-50.pkl)
 from configs.cityscapes_common import cityscapes_config
 

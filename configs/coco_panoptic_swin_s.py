@@ -1,4 +1,7 @@
-"""COCO panoptic, Swin-S (PQ 54.6 in the paper)."""
+"""COCO panoptic, Swin-S (PQ 54.6 in the paper).
+
+Reproduces the authors' coco/panoptic-segmentation/swin/maskformer2_swin_small_bs16_50ep.yaml.
+"""
 # ImageNet backbone: --config.model.backbone.init_from=swin_small_patch4_window7_224.pth (Swin release, IN-1k)
 from configs import base
 

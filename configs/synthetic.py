@@ -36,4 +36,5 @@ def get_config():
   c.batch_size = 8
   c.checkpoint_every = 250
   c.log_every = 25
+  c.eval_every = 250
   return c

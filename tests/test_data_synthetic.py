@@ -4,9 +4,12 @@ import itertools
 import numpy as np
 from pycocotools import mask as mask_util
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from configs import synthetic as synthetic_config
 from m2f_jax import data
+from m2f_jax.data import pipeline
 from m2f_jax.data import registry
 from m2f_jax.data import synthetic
 
@@ -120,6 +123,28 @@ def test_resume_gives_the_uninterrupted_batches(cfg, start):
       np.testing.assert_array_equal(a[key], b[key])
   # Epochs differ in order and augmentation.
   assert not np.array_equal(full[0]["image"], full[3]["image"])
+
+
+def test_every_epoch_reads_the_files_in_a_new_order(tmp_path):
+  """Three record files, no shuffle buffer: each epoch is a permutation of the whole split, the
+  first two epochs differ, and an epoch's order depends only on (seed, epoch)."""
+  c = synthetic_config.get_config()
+  c.data.data_dir = str(tmp_path)
+  c.data.synthetic.update(train_size=12, validation_size=3, image_size=32, seed=4)
+  builder = registry.make_builder(c.data)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      num_shards=3, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  assert len(builder.info.splits["train"].file_instructions) == 3
+
+  def epoch_ids(epoch, seed_base=7):
+    records = pipeline._epoch_records_fn(builder, "train", seed_base, shuffle_buffer=1)(
+        tf.constant(epoch, tf.int64))
+    return [int(builder.info.features.deserialize_example(r)["image_id"]) for r in records]
+
+  first, second = epoch_ids(0), epoch_ids(1)
+  assert sorted(first) == sorted(second) == list(range(12))
+  assert first != second
+  assert epoch_ids(1) == second and epoch_ids(1, seed_base=8) != second
 
 
 def test_processes_read_disjoint_shards(cfg):

@@ -1,10 +1,11 @@
 """tf.data input pipelines: endless, resumable training batches and padded evaluation batches.
 
 Training order and augmentation are a pure function of (cfg.seed, process index, element index):
-each epoch is shuffled with a seed derived from (seed, process, epoch), and every example's
-augmentation draws from a stateless seed keyed on its element counter. A run restarted at
-`start_step` skips to its epoch and position without decoding anything and then yields exactly
-the batches an uninterrupted run would.
+each epoch reads this process's record files in an order drawn from (seed, process, epoch),
+interleaves them record by record and shuffles the stream through a buffer seeded the same way, and
+every example's augmentation draws from a stateless seed keyed on its element counter. A run
+restarted at `start_step` skips to its epoch and position without decoding anything and then
+yields exactly the batches an uninterrupted run would (with the same number of processes).
 """
 import logging
 import math
@@ -42,6 +43,10 @@ def _decode(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
   return image, tf.cast(layers, tf.int32)
 
 
+def _round_up(size: int, multiple: int = 32) -> int:
+  return -(-int(size) // multiple) * multiple
+
+
 def _check_data_cfg(cfg) -> None:
   d = cfg.data
   if d.augment not in _AUGMENTS:
@@ -55,6 +60,13 @@ def _check_data_cfg(cfg) -> None:
   if d.augment == "lsj" and not 0 < d.min_scale <= d.max_scale:
     raise ValueError(f"cfg.data.min_scale/max_scale must satisfy 0 < min <= max, got "
                      f"{d.min_scale}, {d.max_scale}")
+  pad_h, pad_w = tuple(d.eval_pad_size)
+  if pad_h < d.min_size_test or pad_w < d.max_size_test:
+    raise ValueError(
+        f"cfg.data.eval_pad_size={(pad_h, pad_w)} cannot hold a wide image at the test sizes "
+        f"(shortest side {d.min_size_test}, longest {d.max_size_test}); set it to at least "
+        f"({_round_up(d.min_size_test)}, {_round_up(d.max_size_test)}), or "
+        f"({_round_up(d.max_size_test)}, {_round_up(d.max_size_test)}) for tall images too")
   if d.segment_layers < 1 or d.max_targets < 1:
     raise ValueError("cfg.data.segment_layers and cfg.data.max_targets must be >= 1")
 
@@ -117,6 +129,41 @@ class _DropCounter:
       self._next_log = 2 * (self.layers + self.max)
 
 
+_FILES_READ_AT_ONCE = 16
+
+
+def _epoch_records_fn(builder, split, seed_base: int, shuffle_buffer: int):
+  """epoch (int64 scalar) -> that epoch's serialized records of `split`, in the epoch's order.
+
+  The record files (the parts of them in `split`) are put in a random order per epoch, read
+  16 at a time one record from each in turn, and the stream goes through a shuffle buffer; file
+  order and buffer both draw from (seed_base + epoch), so every epoch has its own order.
+  """
+  file_format = str(builder.info.file_format or "tfrecord").lower()
+  if "tfrecord" not in file_format:
+    raise ValueError(f"{builder.name} in {builder.data_dir} is stored as {file_format}; the training "
+                     "pipeline reads tfrecord files: prepare the data set again in a new data_dir")
+  instructions = builder.info.splits[split].file_instructions
+  files = tf.constant([str(i.filename) for i in instructions])
+  skips = tf.constant([int(i.skip) for i in instructions], tf.int64)
+  takes = tf.constant([int(i.take) if i.take >= 0 else int(i.examples_in_shard) - int(i.skip)
+                       for i in instructions], tf.int64)
+
+  def read(filename, skip, take):
+    return tf.data.TFRecordDataset(filename).skip(skip).take(take)
+
+  def epoch(e):
+    seed = tf.stack([tf.constant(seed_base, tf.int64), e])
+    order = tf.argsort(tf.random.stateless_uniform([len(instructions)], seed))
+    parts = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(files, order), tf.gather(skips, order), tf.gather(takes, order)))
+    records = parts.interleave(read, cycle_length=min(_FILES_READ_AT_ONCE, len(instructions)),
+                               block_length=1)
+    return records.shuffle(shuffle_buffer, seed=seed_base + e, reshuffle_each_iteration=False)
+
+  return epoch
+
+
 def train_iterator(cfg, start_step: int = 0, process_index: int = 0, process_count: int = 1):
   """Endless iterator of training batches (numpy dicts of the batch contract) for this process.
 
@@ -143,16 +190,14 @@ def train_iterator(cfg, start_step: int = 0, process_index: int = 0, process_cou
   num_examples = builder.info.splits[split].num_examples
   if num_examples == 0:
     raise ValueError(f"Split {split} of {cfg.data.name} has no examples")
-  records = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding())
   start = start_step * local_batch
   first_epoch, offset = divmod(start, num_examples)
   seed_base = (cfg.seed * 2**20 + process_index) * 2**20
-
-  def epoch(e):
-    return records.shuffle(max(min(cfg.data.shuffle_buffer, num_examples), 1),
-                           seed=seed_base + e, reshuffle_each_iteration=False)
-
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
+      _epoch_records_fn(builder, split, seed_base, max(min(cfg.data.shuffle_buffer, num_examples), 1)))
+  ds = ds.skip(offset).map(
+      lambda record: builder.info.features.deserialize_example(record, decoders=_skip_decoding()),
+      num_parallel_calls=cfg.data.num_parallel_calls, deterministic=True)
   ds = ds.enumerate(start=start)
   ds = ds.map(_train_example_fn(cfg, process_index),
               num_parallel_calls=cfg.data.num_parallel_calls, deterministic=True)
@@ -171,9 +216,10 @@ def _eval_example_fn(cfg):
 
   def fn(example):
     image, layers = _decode(example)
-    resized, valid_hw = transforms.eval_resize(image, d.min_size_test, d.max_size_test,
-                                               pad_size, pad_value)
+    resized, valid_hw, shrunk = transforms.eval_resize(image, d.min_size_test, d.max_size_test,
+                                                       pad_size, pad_value)
     return {"image": tf.ensure_shape(resized, pad_size + (3,)), "valid_hw": valid_hw,
+            "_shrunk": shrunk,
             "orig_hw": tf.shape(image)[:2], "image_id": example["image_id"],
             "layers": layers, "segments": example["segments"]}
 
@@ -221,9 +267,11 @@ def eval_iterator(cfg, split: str | None = None, process_index: int = 0,
   dataset_info = info_lib.get_dataset_info(cfg.data)
   pad_size = tuple(cfg.data.eval_pad_size)
   examples = ds.as_numpy_iterator()
+  shrunk = 0
   for _ in range(num_batches):
     rows, truths = [], []
     for example in examples:
+      shrunk += int(example.pop("_shrunk"))
       rows.append(example)
       truths.append(ground_truth_lib.ground_truth(example, dataset_info))
       if len(rows) == batch_size:
@@ -240,3 +288,9 @@ def eval_iterator(cfg, split: str | None = None, process_index: int = 0,
         "is_real": np.asarray(is_real),
         "ground_truth": truths,
     }
+  if shrunk:
+    logging.warning(
+        "%d evaluation images did not fit cfg.data.eval_pad_size=%s at the test sizes (shortest "
+        "side %d, longest %d) and were evaluated smaller; a frame of (%d, %d) holds every image.",
+        shrunk, pad_size, cfg.data.min_size_test, cfg.data.max_size_test,
+        _round_up(cfg.data.max_size_test), _round_up(cfg.data.max_size_test))

@@ -179,14 +179,23 @@ def semantic_style_augment(image, layers, seed, image_size, min_sizes, max_size,
 def eval_resize(image, min_size, max_size, pad_size, pad_value):
   """Test-time resize (shortest side min_size, longest <= max_size), pad to pad_size.
 
-  Returns image [Hp, Wp, 3] uint8 and valid_hw [2] int32; raises if it does not fit.
+  An image whose resized size does not fit pad_size (e.g. a portrait image in a landscape frame)
+  is scaled down further, keeping its aspect ratio, until it fits.
+
+  Returns image [Hp, Wp, 3] uint8, valid_hw [2] int32 and `shrunk` (bool scalar): whether the
+  image had to be made smaller than the test sizes ask.
   """
   new_h, new_w = shortest_edge_size(tf.shape(image)[0], tf.shape(image)[1], min_size, max_size)
-  checks = [tf.debugging.assert_less_equal(
-      tf.stack([new_h, new_w]), tf.constant(pad_size, tf.int32),
-      message=f"resized eval image exceeds cfg.data.eval_pad_size={tuple(pad_size)}")]
-  with tf.control_dependencies(checks):
-    image = resize_image(image, tf.stack([new_h, new_w]))
+  pad_h, pad_w = (int(s) for s in pad_size)
+  fit = tf.minimum(pad_h / tf.cast(new_h, tf.float64), pad_w / tf.cast(new_w, tf.float64))
+  shrunk = fit < 1.0
+
+  def scaled(length, limit):
+    smaller = tf.cast(tf.math.floor(tf.cast(length, tf.float64) * fit), tf.int32)
+    return tf.where(shrunk, tf.clip_by_value(smaller, 1, limit), length)
+
+  new_h, new_w = scaled(new_h, pad_h), scaled(new_w, pad_w)
+  image = resize_image(image, tf.stack([new_h, new_w]))
   dummy_layers = tf.zeros([0, new_h, new_w], tf.int32)
   image, _ = pad_to(image, dummy_layers, pad_size, pad_value)
-  return image, tf.stack([new_h, new_w])
+  return image, tf.stack([new_h, new_w]), shrunk

@@ -10,6 +10,9 @@ from m2f_jax.evaluation.panoptic_quality import PQStat
 # The ground-truth keys each task needs (a data set without them does not support the task).
 REQUIRED_KEYS = {"panoptic": ("panoptic", "segments"), "instance": ("instances",),
                  "semantic": ("semantic",)}
+# The tasks each kind of data set (m2f_jax.data.info.DATASET_KINDS) has ground truth for.
+KIND_TASKS = {"panoptic": ("panoptic", "instance", "semantic"), "instance": ("instance",),
+              "semantic": ("semantic",)}
 
 
 def supported_tasks(tasks: Sequence[str], ground_truth: Mapping) -> tuple:
@@ -18,6 +21,14 @@ def supported_tasks(tasks: Sequence[str], ground_truth: Mapping) -> tuple:
   if unknown:
     raise ValueError(f"unknown evaluation tasks {unknown}; choose from {sorted(REQUIRED_KEYS)}")
   return tuple(t for t in tasks if all(k in ground_truth for k in REQUIRED_KEYS[t]))
+
+
+def tasks_of_kind(tasks: Sequence[str], kind: str) -> tuple:
+  """The tasks of `tasks` that a data set of `kind` ('panoptic', 'instance', 'semantic') supports."""
+  unknown = sorted(set(tasks) - set(REQUIRED_KEYS))
+  if unknown:
+    raise ValueError(f"unknown evaluation tasks {unknown}; choose from {sorted(REQUIRED_KEYS)}")
+  return tuple(t for t in tasks if t in KIND_TASKS[kind])
 
 
 class Evaluator:
@@ -57,6 +68,26 @@ class Evaluator:
     if self.confusion is not None:
       self.confusion.add(np.asarray(prediction["semantic"]), np.asarray(ground_truth["semantic"]))
     self.num_images += 1
+
+  def state_dict(self) -> dict:
+    """Everything accumulated so far, as JSON-able values (see m2f_jax.evaluation.merge)."""
+    state = {"num_images": self.num_images}
+    for name, part in (("pq", self.pq), ("ap", self.ap), ("confusion", self.confusion)):
+      if part is not None:
+        state[name] = part.state_dict()
+    return state
+
+  def load_state_dicts(self, states: Sequence[Mapping]) -> None:
+    """Replaces the contents with the union of `states` (one per process, same tasks)."""
+    self.num_images = sum(int(s["num_images"]) for s in states)
+    if self.pq is not None:
+      self.pq = PQStat()
+      for state in states:
+        self.pq += PQStat.from_state_dict(state["pq"])
+    if self.ap is not None:
+      self.ap.load_state_dicts([s["ap"] for s in states])
+    if self.confusion is not None:
+      self.confusion.load_state_dicts([s["confusion"] for s in states])
 
   def summary(self) -> dict:
     """{'panoptic': {PQ, SQ, RQ, PQ_th, SQ_th, RQ_th, PQ_st, SQ_st, RQ_st, per_class}, 'instance': {AP...},

@@ -34,6 +34,8 @@ class InstanceAP:
   """Accumulates ground truth and predictions per image; `summary()` runs COCOeval once.
 
   Class ids are contiguous 0..K-1 here; COCOeval sees k + 1 (ids must not collide with its 0 marker).
+  The images are sorted by id before COCOeval, so the result does not depend on the order in which
+  images (or the states of other processes) were added.
   """
 
   def __init__(self, num_classes: int, max_detections: int = 100):
@@ -53,7 +55,7 @@ class InstanceAP:
     for inst in gt_instances:
       rle = _as_rle(inst["segmentation"], height, width)
       self._gt.append(dict(
-          id=len(self._gt) + 1, image_id=image_id, category_id=int(inst["category_id"]) + 1,
+          image_id=image_id, category_id=int(inst["category_id"]) + 1,
           iscrowd=int(inst.get("iscrowd", 0)), segmentation=rle,
           area=float(inst["area"]) if "area" in inst else float(mask_utils.area(rle)),
           bbox=[float(v) for v in inst["bbox"]] if "bbox" in inst else list(mask_utils.toBbox(rle))))
@@ -61,19 +63,35 @@ class InstanceAP:
       self._dt.append(dict(image_id=image_id, category_id=int(label) + 1, segmentation=rle,
                            score=float(score)))
 
+  def state_dict(self) -> dict:
+    """Images, ground truth and detections as JSON-able lists."""
+    return {"images": self._images, "gt": self._gt, "dt": self._dt}
+
+  def load_state_dicts(self, states: Sequence[Mapping]) -> None:
+    """Replaces the contents with the union of `states` (e.g. one per process)."""
+    self._images = [image for state in states for image in state["images"]]
+    self._gt = [ann for state in states for ann in state["gt"]]
+    self._dt = [det for state in states for det in state["dt"]]
+    ids = [image["id"] for image in self._images]
+    if len(set(ids)) != len(ids):
+      raise ValueError("an image id occurs more than once among the merged instance AP states")
+
   def summary(self, class_names: Optional[Sequence[str]] = None) -> dict:
     """{'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'per_class': {name: AP}} in percent."""
     if not self._images:
       raise ValueError("no images were added to the instance AP evaluator")
+    by_image = lambda entry: entry["image_id"]  # stable sorts: per-image order is kept
+    images = sorted(self._images, key=lambda image: image["id"])
+    annotations = [dict(ann, id=i + 1) for i, ann in enumerate(sorted(self._gt, key=by_image))]
     gt = COCO()
-    gt.dataset = dict(images=self._images, annotations=self._gt,
+    gt.dataset = dict(images=images, annotations=annotations,
                       categories=[dict(id=k + 1, name=str(k)) for k in range(self.num_classes)])
     with contextlib.redirect_stdout(io.StringIO()):
       gt.createIndex()
     if not self._dt:
       return {**{k: 0.0 for k in STAT_NAMES}, "per_class": {}}
     with contextlib.redirect_stdout(io.StringIO()):
-      dt = gt.loadRes(self._dt)
+      dt = gt.loadRes(sorted(self._dt, key=by_image))
       coco_eval = COCOeval(gt, dt, "segm")
       coco_eval.params.maxDets = [1, 10, self.max_detections]
       coco_eval.evaluate()

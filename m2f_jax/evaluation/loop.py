@@ -13,6 +13,7 @@ from PIL import Image
 
 from m2f_jax import parallel
 from m2f_jax.evaluation import evaluator as evaluator_lib
+from m2f_jax.evaluation import merge
 from m2f_jax.inference import postprocess
 from m2f_jax.inference import visualize
 
@@ -86,6 +87,21 @@ def augmented_images(images: np.ndarray, valid_hw: np.ndarray, scale: float, fli
 
 
 # ---------------------------------------------------------------- the loop
+def write_scalars(logdir: str, step: int, scalars: dict) -> None:
+  """TensorBoard scalars {name: value} at `step` in the event files of `logdir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  metadata = summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+      data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
+  writer = tf.summary.create_file_writer(logdir)
+  with writer.as_default(step=step):
+    for name, value in scalars.items():
+      tf.summary.write(name, tf.constant(value, tf.float32), metadata=metadata)
+  writer.close()
+
+
 class _Writer:
   """metrics JSON and TensorBoard scalars under the output directory."""
 
@@ -96,17 +112,8 @@ class _Writer:
     path = os.path.join(self.out_dir, "eval_metrics.json")
     with open(path, "w") as f:
       json.dump(dict(step=step, checkpoint=checkpoint, **summary), f, indent=2)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
-    writer = tf.summary.create_file_writer(os.path.join(self.out_dir, "tensorboard", "eval"))
-    with writer.as_default(step=step):
-      for name, value in evaluator_lib.headline(summary).items():
-        tf.summary.write(name, tf.constant(value, tf.float32), metadata=metadata)
-    writer.close()
+    write_scalars(os.path.join(self.out_dir, "tensorboard", "eval"), step,
+                  evaluator_lib.headline(summary))
     return path
 
 
@@ -126,43 +133,49 @@ def checkpoint_step(path: str) -> int:
 def evaluate(cfg: ml_collections.ConfigDict, model: Any, variables: dict, batches: Iterable[dict],
              dataset_info: Any, mesh, out_dir: Optional[str] = None, step: int = 0,
              checkpoint: str = "", num_visualize: int = 0, total_batches: Optional[int] = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, predict: Optional[Any] = None) -> dict:
   """Runs every supported task of cfg.eval.tasks over `batches` (eval batch contract).
 
-  Returns the Evaluator summary (percent); with `out_dir`, writes eval_metrics.json, TensorBoard
-  scalars and `num_visualize` overlay pictures (eval_NNNN.png).
+  Every process of a multi-host job calls it with its own shard of the split (the same number of
+  batches everywhere); the metrics are merged exactly across processes and every process returns
+  the summary of the whole split. `predict` (from `make_predict_fn`) lets repeated evaluations
+  reuse one compiled forward pass.
+
+  Returns the Evaluator summary (percent); with `out_dir`, the chief process writes
+  eval_metrics.json, TensorBoard scalars and `num_visualize` overlay pictures (eval_NNNN.png).
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError("eval.py runs on one host; its metrics are not merged across processes")
   eval_cfg = cfg.eval
   tta_scales = tuple(float(s) for s in eval_cfg.tta_scales)
   if any(s <= 0 for s in tta_scales):
     raise ValueError(f"eval.tta_scales must be positive, got {tta_scales}")
   use_tta = bool(tta_scales) or bool(eval_cfg.tta_flip)
-  if out_dir is not None:
+  writes = out_dir is not None and jax.process_index() == 0
+  if writes:
     os.makedirs(out_dir, exist_ok=True)
-  predict = make_predict_fn(model, mesh)
-  evaluator = post = tta_post = None
-  num_done = 0
+  tasks = evaluator_lib.tasks_of_kind(tuple(eval_cfg.tasks), dataset_info.kind)
+  if not tasks:
+    raise ValueError(f"the data set {cfg.data.name!r} supports none of "
+                     f"eval.tasks={tuple(eval_cfg.tasks)}")
+  evaluator = evaluator_lib.Evaluator(tasks, dataset_info.num_classes, dataset_info.is_thing,
+                                      dataset_info.class_names, cfg.data.ignore_label)
+  post = tta_post = None
+  single_scale = tuple(t for t in tasks if not (use_tta and t == "semantic"))
+  if single_scale:
+    post = postprocess.PostProcessor(single_scale, dataset_info.is_thing,
+                                     eval_cfg.object_mask_threshold, eval_cfg.overlap_threshold,
+                                     eval_cfg.top_k)
+  if use_tta and "semantic" in tasks:
+    # Resize order as the authors: logits first whenever panoptic or instance output is made.
+    tta_post = postprocess.PostProcessor(("semantic",), dataset_info.is_thing,
+                                         resize_first=post is not None and post.resize_first)
+  if predict is None:
+    predict = make_predict_fn(model, mesh)
+  num_batches = num_done = 0
   started = time.perf_counter()
-  bar = tqdm.tqdm(batches, total=total_batches, desc="eval", unit="batch", disable=not progress)
+  bar = tqdm.tqdm(batches, total=total_batches, desc="eval", unit="batch",
+                  disable=not (progress and jax.process_index() == 0))
   for batch in bar:
-    if evaluator is None:
-      tasks = evaluator_lib.supported_tasks(tuple(eval_cfg.tasks), batch["ground_truth"][0])
-      if not tasks:
-        raise ValueError(f"the data set {cfg.data.name!r} supports none of "
-                         f"eval.tasks={tuple(eval_cfg.tasks)}")
-      evaluator = evaluator_lib.Evaluator(tasks, dataset_info.num_classes, dataset_info.is_thing,
-                                          dataset_info.class_names, cfg.data.ignore_label)
-      single_scale = tuple(t for t in tasks if not (use_tta and t == "semantic"))
-      if single_scale:
-        post = postprocess.PostProcessor(single_scale, dataset_info.is_thing,
-                                         eval_cfg.object_mask_threshold, eval_cfg.overlap_threshold,
-                                         eval_cfg.top_k)
-      if use_tta and "semantic" in tasks:
-        # Resize order as the authors: logits first whenever panoptic or instance output is made.
-        tta_post = postprocess.PostProcessor(("semantic",), dataset_info.is_thing,
-                                             resize_first=post is not None and post.resize_first)
+    num_batches += 1
     if post is not None:
       predictions = _predict_batch(predict, variables, batch, post, mesh)
     else:
@@ -178,16 +191,17 @@ def evaluate(cfg: ml_collections.ConfigDict, model: Any, variables: dict, batche
         continue
       gt = batch["ground_truth"][i]
       evaluator.add(gt, prediction)
-      if out_dir is not None and num_done < num_visualize:
+      if writes and num_done < num_visualize:
         _save_overlay(out_dir, num_done, batch["image"][i], batch["valid_hw"][i], gt, prediction,
                       dataset_info.class_names)
       num_done += 1
     bar.set_postfix(images=num_done)
-  if evaluator is None:
+  if num_batches == 0:
     raise ValueError("the evaluation data set yielded no batches")
+  evaluator = merge.merge_evaluators(evaluator)
   summary = evaluator.summary()
   summary["seconds"] = time.perf_counter() - started
-  if out_dir is not None:
+  if writes:
     path = _Writer(out_dir).write(summary, step, checkpoint)
     summary["metrics_path"] = path
   return summary

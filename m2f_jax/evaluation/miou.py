@@ -26,6 +26,13 @@ class ConfusionMatrix:
     gt = np.where(gt == self.ignore_label, k, gt)
     self.matrix += np.bincount((k + 1) * pred + gt, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
 
+  def state_dict(self) -> dict:
+    return {"matrix": self.matrix.tolist()}
+
+  def load_state_dicts(self, states) -> None:
+    """Replaces the counts with the sum of `states` (e.g. one per process)."""
+    self.matrix = np.sum([np.asarray(s["matrix"], np.int64) for s in states], axis=0)
+
   def summary(self, class_names: Optional[Sequence[str]] = None) -> dict:
     """mIoU, fwIoU, mACC, pACC (percent) and per-class IoU over classes present in the ground truth."""
     counts = self.matrix[:-1, :-1].astype(np.float64)

@@ -6,6 +6,7 @@ prediction is not a false positive when more than half of it lies on void or on 
 its class. Predicted areas come from the map, ground-truth areas from the segment list (as the API).
 """
 import collections
+import math
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -27,16 +28,25 @@ def _by_segment_id(segments: Sequence[Mapping], side: str, image_id) -> dict:
 
 
 class PQStat:
-  """Per-category sums over images: IoU of matches, TP, FP, FN."""
+  """Per-category counts over images (TP, FP, FN) and the IoU of every match.
+
+  The IoUs are kept one by one and summed with `math.fsum` (the correctly rounded sum), so the
+  result does not depend on the order in which images or partial stats were added.
+  """
 
   def __init__(self):
-    self.iou: Dict[int, float] = collections.defaultdict(float)
+    self.ious: Dict[int, list] = collections.defaultdict(list)
     self.tp: Dict[int, int] = collections.defaultdict(int)
     self.fp: Dict[int, int] = collections.defaultdict(int)
     self.fn: Dict[int, int] = collections.defaultdict(int)
 
+  @property
+  def iou(self) -> Dict[int, float]:
+    """Per-category sum of the matched IoUs."""
+    return {k: math.fsum(v) for k, v in self.ious.items()}
+
   def __iadd__(self, other: "PQStat") -> "PQStat":
-    for mine, theirs in ((self.iou, other.iou), (self.tp, other.tp), (self.fp, other.fp),
+    for mine, theirs in ((self.ious, other.ious), (self.tp, other.tp), (self.fp, other.fp),
                          (self.fn, other.fn)):
       for k, v in theirs.items():
         mine[k] += v
@@ -88,7 +98,7 @@ class PQStat:
       iou = inter / union
       if iou > 0.5:
         self.tp[gt["category_id"]] += 1
-        self.iou[gt["category_id"]] += iou
+        self.ious[gt["category_id"]].append(iou)
         gt_matched.add(gt_id)
         pred_matched.add(pred_id)
 
@@ -117,12 +127,14 @@ class PQStat:
     Fractions in [0, 1]; `isthing` None = all, True = things, False = stuff.
     """
     totals = dict(pq=0.0, sq=0.0, rq=0.0)
+    iou_sums = self.iou
     count = 0
     per_class = {}
     for cat, cat_isthing in categories.items():
       if isthing is not None and bool(cat_isthing) != isthing:
         continue
-      tp, fp, fn, iou = self.tp.get(cat, 0), self.fp.get(cat, 0), self.fn.get(cat, 0), self.iou.get(cat, 0.0)
+      tp, fp, fn = self.tp.get(cat, 0), self.fp.get(cat, 0), self.fn.get(cat, 0)
+      iou = iou_sums.get(cat, 0.0)
       if tp + fp + fn == 0:
         per_class[cat] = dict(pq=0.0, sq=0.0, rq=0.0)
         continue
@@ -135,6 +147,18 @@ class PQStat:
     summary = {k: (v / count if count else 0.0) for k, v in totals.items()}
     summary["n"] = count
     return summary, per_class
+
+  def state_dict(self) -> dict:
+    """The stats as JSON-able lists (category ids as keys of `from_state_dict`)."""
+    return {name: [[k, v] for k, v in sorted(getattr(self, name).items())]
+            for name in ("ious", "tp", "fp", "fn")}
+
+  @classmethod
+  def from_state_dict(cls, state: Mapping) -> "PQStat":
+    stat = cls()
+    for name in ("ious", "tp", "fp", "fn"):
+      getattr(stat, name).update({int(k): v for k, v in state[name]})
+    return stat
 
   def summary(self, categories: Mapping[int, bool]) -> dict:
     """{'All'|'Things'|'Stuff': {pq, sq, rq, n}, 'per_class': {id: {pq, sq, rq}}}, fractions."""

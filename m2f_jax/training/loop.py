@@ -16,6 +16,7 @@ from m2f_jax.convert import imagenet_backbone
 from m2f_jax.training import checkpointing
 from m2f_jax.training import init_from
 from m2f_jax.training import optimizer
+from m2f_jax.training import periodic_eval
 from m2f_jax.training import state as state_lib
 from m2f_jax.training import step as step_lib
 from m2f_jax.training import workdir as workdir_lib
@@ -26,7 +27,8 @@ IteratorFn = Callable[..., Iterator[dict]]
 
 def check_run_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first bad run key."""
-  for key in ("total_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+  for key in ("total_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
+              "stop_check_every"):
     value = cfg.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
@@ -47,19 +49,26 @@ def _holds_weights(path: str) -> bool:
 
 
 class _StopRequest:
-  """Remembers a SIGTERM; every process agrees on stopping at the same step."""
+  """Remembers a SIGTERM; every process agrees on stopping at the same step.
 
-  def __init__(self):
+  With several processes the flags are all-gathered only every `check_every` steps (the same
+  steps on every process), so the hot loop does not wait for a collective on every step.
+  """
+
+  def __init__(self, check_every: int = 1):
     self.requested = False
+    self.check_every = check_every
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
-  def agreed(self) -> bool:
+  def agreed(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self.requested
+    if step % self.check_every:
+      return False
     flags = multihost_utils.process_allgather(np.int32(self.requested))
     return bool(np.any(flags))
 
@@ -192,9 +201,13 @@ def _train_in_locked_workdir(cfg, workdir, *, model, loss_fn, make_iterator):
           f"devices, {jax.process_count()} processes, starting at step {step}", flush=True)
 
   train_step = step_lib.make_train_step(model, loss_fn, tx, schedule, mesh, step_key)
+  evaluator = periodic_eval.PeriodicEvaluator(cfg, model, mesh, workdir)
+  evaluator.resume(step)
+  if evaluator.due(step):  # killed after this step's checkpoint, before its evaluation finished
+    evaluator.run(state, step, os.path.join(ckpt.directory, str(step)))
   batches = make_iterator(cfg, start_step=step, process_index=jax.process_index(),
                           process_count=jax.process_count())
-  stop = _StopRequest()
+  stop = _StopRequest(cfg.stop_check_every)
   logger = _Logger(workdir, cfg.batch_size, enabled=is_chief)
   bar = tqdm.tqdm(initial=step, total=cfg.total_steps, disable=not is_chief, dynamic_ncols=True)
   finished = True
@@ -210,9 +223,13 @@ def _train_in_locked_workdir(cfg, workdir, *, model, loss_fn, make_iterator):
       logger.add(metrics)
       if step % cfg.log_every == 0 or step == cfg.total_steps:
         logger.flush(step, int(jax.device_get(state.skipped)), bar)
-      stopping = stop.agreed()
-      if stopping or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+      stopping = stop.agreed(step)
+      evaluating = evaluator.due(step) and not stopping  # a resume evaluates a stopping step
+      if stopping or evaluating or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
         ckpt.save(state)
+      if evaluating:
+        ckpt.wait()  # best/ copies this checkpoint; a history line implies it is on disk
+        evaluator.run(state, step, os.path.join(ckpt.directory, str(step)))
       if stopping:
         finished = step == cfg.total_steps
         if is_chief:
