@@ -10,7 +10,7 @@ from configs import base
 def get_config():
   c = base.get_base_config()
   c.model.backbone = base.resnet_backbone(50)
-  c.model.backbone.update(depth=14, stage_blocks=(1, 1, 1, 1), stem_width=16, base_width=16, norm="sync_bn")
+  c.model.backbone.update(stage_blocks=(1, 1, 1, 1), stem_width=16, base_width=16, norm="sync_bn")
   c.model.num_classes = 8
   c.model.pixel_decoder.update(conv_dim=64, mask_dim=64, num_layers=2, num_heads=4, ffn_dim=256,
                                num_groups=8)
