@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from m2f_jax import parallel
+from m2f_jax import quiet_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
                                           lock_config=True)
@@ -34,6 +35,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    quiet_logs.quiet_third_party_logs()
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_MULTIHOST.value)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
