@@ -18,10 +18,12 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from m2f_jax import command_line
 from m2f_jax import multihost_flags
+from m2f_jax import quiet_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
                                           lock_config=True)
@@ -38,6 +40,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not (_WORKDIR.value or _CHECKPOINT.value):
     raise app.UsageError("give --workdir (evaluate its latest checkpoint) or --checkpoint PATH")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every restore and backend at INFO
+    quiet_logs.quiet_third_party_logs()
   multihost_flags.initialize_from_flags()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TensorFlow (data, summaries) stays off accelerators

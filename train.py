@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from m2f_jax import command_line
 from m2f_jax import multihost_flags
+from m2f_jax import quiet_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
                                           lock_config=True)
@@ -31,6 +32,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    quiet_logs.quiet_third_party_logs()
   multihost_flags.initialize_from_flags()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TensorFlow (data, summaries) stays off accelerators

@@ -2,7 +2,7 @@
 
 Writes fixture data in the official layouts (COCO 2017 panoptic: 640x480 JPEGs with panoptic
 PNGs and ~12 segments; ADE20K: 683x512 JPEGs with semantic PNGs), builds the tfds data sets and
-times `train_iterator` with 1 and 2 tf.data threads.
+times `train_iterator` with 1 and 2 parallel calls of the per-example map.
 
   .venv/bin/python benchmarks/input_pipeline.py [--images 64] [--batches 6]
 """
@@ -102,9 +102,9 @@ def main():
       start = time.perf_counter()
       data.get_builder(cfg.data)
       print(f"{title}: built {args.images} images in {time.perf_counter() - start:.1f} s")
-      for threads in (1, 2):
-        cfg.data.threads = threads
-        print(f"  {threads} thread(s): {measure(cfg, args.batches):6.1f} images/s")
+      for calls in (1, 2):
+        cfg.data.num_parallel_calls = calls
+        print(f"  {calls} parallel call(s): {measure(cfg, args.batches):6.1f} images/s")
 
 
 if __name__ == "__main__":

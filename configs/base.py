@@ -13,7 +13,6 @@ def resnet_backbone(depth: int = 50, norm: str = "frozen_bn") -> ml_collections.
     raise ValueError(f"ResNet depth must be 50 or 101, got {depth}")
   return ml_collections.ConfigDict(dict(
       name="resnet",
-      depth=depth,
       stage_blocks=blocks[depth],
       stem_width=64,
       base_width=64,  # bottleneck width of res2; doubles per stage; outputs are 4x that
@@ -55,7 +54,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.num_classes = 133                    # K real classes; logits have K+1 (last = no object)
   c.model.pixel_mean = (123.675, 116.28, 103.53)
   c.model.pixel_std = (58.395, 57.12, 57.375)
-  c.model.size_divisibility = 32
   # pixel decoder (multi-scale deformable attention encoder + FPN step)
   c.model.pixel_decoder = ml_collections.ConfigDict(dict(
       conv_dim=256, mask_dim=256, num_layers=6, num_heads=8, num_points=4,
@@ -107,7 +105,6 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_parallel_calls=-1,                   # -1: tf.data.AUTOTUNE
       prefetch=2,
       train_split="train", eval_split="validation",   # tfds split names
-      threads=0,                               # tf.data private thread pool size (0: default)
       crop_single_category_max_area=1.0,       # ADE20K/Cityscapes crop: max share of one class
       # the built-in synthetic set (cfg.data.name='synthetic'); one tfds directory per setting
       synthetic=ml_collections.ConfigDict(dict(

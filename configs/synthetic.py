@@ -1,7 +1,9 @@
 """The built-in default: a small Mask2Former on the built-in synthetic panoptic set.
 
 Runs end to end on a 2-core CPU in minutes (`make demo`). The architecture is the authors' with
-smaller widths and depths; the recipe is the authors' except for the schedule length and the learning rate.
+smaller widths and depths; the recipe is the authors' except for the schedule (length, learning
+rate, poly decay), the number of queries and a narrower scale range. docs/demo_tuning.md tells how
+the numbers were chosen and what is left to do.
 """
 
 from configs import base
@@ -10,14 +12,19 @@ from configs import base
 def get_config():
   c = base.get_base_config()
   c.model.backbone = base.resnet_backbone(50)
-  c.model.backbone.update(depth=14, stage_blocks=(1, 1, 1, 1), stem_width=16, base_width=16, norm="sync_bn")
+  c.model.backbone.update(stage_blocks=(1, 1, 1, 1), stem_width=16, base_width=16, norm="sync_bn")
   c.model.num_classes = 8
   c.model.pixel_decoder.update(conv_dim=64, mask_dim=64, num_layers=2, num_heads=4, ffn_dim=256,
                                num_groups=8)
-  c.model.decoder.update(num_queries=20, hidden_dim=64, num_heads=4, ffn_dim=256, num_layers=3)
+  # A scene has at most 9 segments (3 stuff regions, 6 things): 16 queries leave room to spare.
+  c.model.decoder.update(num_queries=16, hidden_dim=64, num_heads=4, ffn_dim=256, num_layers=3)
   c.loss.num_points = 1024
 
-  c.optimizer.learning_rate = 1e-3              # 1000 steps from scratch: PQ 25 at 800 steps vs 19 with 3e-4
+  # From scratch in 2000 steps, a high rate decaying to 0 (poly): against 1000 steps at a constant
+  # 1e-3, PQ 36.1 vs 33.3, AP 11.1 vs 5.8, mIoU 50.3 vs 39.7 (docs/demo_tuning.md). Thing classes are
+  # still too unsure to pass the 0.8 score threshold of the authors' panoptic post-processing.
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.schedule = "poly"
   c.optimizer.backbone_multiplier = 1.0         # the tiny backbone starts from scratch
   c.optimizer.clip_norm = 0.1
 
@@ -25,16 +32,16 @@ def get_config():
   c.data.synthetic.update(train_size=2000, validation_size=200, image_size=128, seed=0)
   c.data.augment = "lsj"
   c.data.image_size = (128, 128)
-  c.data.min_scale, c.data.max_scale = 0.5, 1.5
+  c.data.min_scale, c.data.max_scale = 0.8, 1.25  # near the evaluation scale: small things stay visible
   c.data.min_size_test, c.data.max_size_test = 128, 128
   c.data.eval_pad_size = (128, 128)
   c.data.max_targets = 16
   c.data.shuffle_buffer = 256
 
   c.eval.batch_size = 16
-  c.total_steps = 1000                          # `make demo` in under 20 minutes on 2 CPU cores
+  c.total_steps = 2000                          # `make demo` in under 10 minutes on 2 idle CPU cores
   c.batch_size = 8
-  c.checkpoint_every = 250
-  c.log_every = 25
-  c.eval_every = 250
+  c.checkpoint_every = 500
+  c.log_every = 50
+  c.eval_every = 500
   return c

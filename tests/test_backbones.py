@@ -214,7 +214,7 @@ def test_swin_drop_path_only_in_training():
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(name):
   if name == "resnet":
     cfg = resnet_backbone(50)
-    cfg.update(stage_blocks=(1, 1, 1, 1), depth=14, stem_width=8, base_width=4)
+    cfg.update(stage_blocks=(1, 1, 1, 1), stem_width=8, base_width=4)
   else:
     cfg = swin_backbone("tiny")
     cfg.update(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=3)
@@ -265,7 +265,7 @@ def test_sync_bn_training_uses_and_tracks_batch_statistics():
 
 def test_resnet_norm_modes_share_variables_and_frozen_bn_gets_no_gradient():
   cfg = resnet_backbone(50)
-  cfg.update(stage_blocks=(1, 1, 1, 1), depth=14, stem_width=8, base_width=4)
+  cfg.update(stage_blocks=(1, 1, 1, 1), stem_width=8, base_width=4)
   x = jnp.asarray(_normalised_nhwc(_random_images((2, 64, 64, 3), 8)))
   frozen = build_backbone(cfg)
   cfg.norm = "sync_bn"
@@ -352,8 +352,8 @@ def test_build_backbone_rejects_bad_configs():
   with pytest.raises(ValueError, match="backbone.name must be one of"):
     build_backbone(cfg)
   cfg = resnet_backbone(50)
-  cfg.depth = 101
-  with pytest.raises(ValueError, match="disagrees with stage_blocks"):
+  cfg.stage_blocks = (3, 4, 6)
+  with pytest.raises(ValueError, match="stage_blocks must be 4 positive counts"):
     build_backbone(cfg)
   cfg = resnet_backbone(50)
   cfg.norm = "group_norm"

@@ -249,7 +249,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   assert steps and steps[-1] < 6, steps
   code, out = _finish(_start(tmp_path / "killed", 2))
   assert code == 0, out
-  assert f"starting at step {steps[-1]}" in out
+  assert f"step {steps[-1]} of 6;" in out
   a = checkpointing.restore_variables(str(tmp_path / "straight"))
   b = checkpointing.restore_variables(str(tmp_path / "killed"))
   jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -97,7 +97,7 @@ def _resnet_config(hf: Mapping[str, Any], norm: str) -> ml_collections.ConfigDic
     raise ValueError(f"HF ResNet hidden_sizes={hidden} must be 4 * w * (1, 2, 4, 8) for a "
                      "bottleneck width w")
   return ml_collections.ConfigDict(dict(
-      name="resnet", depth=2 + 3 * sum(depths), stage_blocks=depths,
+      name="resnet", stage_blocks=depths,
       stem_width=int(hf.get("embedding_size", 64)), base_width=base_width, norm=norm, norm_eps=1e-5))
 
 

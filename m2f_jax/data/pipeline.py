@@ -35,6 +35,13 @@ def _skip_decoding():
   return {"image": tfds.decode.SkipDecoding(), "layers": tfds.decode.SkipDecoding()}
 
 
+def _records(builder, split: str) -> tf.data.Dataset:
+  """The encoded examples of a split, in file order. Without tfds's in-memory cache of small
+  splits: runs stop reading mid-epoch, and TensorFlow then warns it dropped a partial cache."""
+  return builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding(),
+                            read_config=tfds.ReadConfig(try_autocache=False))
+
+
 def _decode(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
   """Encoded image and layer PNGs -> image [H, W, 3] uint8, layers [S0, H, W] int32."""
   image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
@@ -103,13 +110,6 @@ def _train_example_fn(cfg, process_index: int):
             "_dropped_max": dropped_max}
 
   return fn
-
-
-def _options(cfg) -> tf.data.Options:
-  options = tf.data.Options()
-  if cfg.data.get("threads", 0):
-    options.threading.private_threadpool_size = int(cfg.data.threads)
-  return options
 
 
 class _DropCounter:
@@ -202,7 +202,6 @@ def train_iterator(cfg, start_step: int = 0, process_index: int = 0, process_cou
   ds = ds.map(_train_example_fn(cfg, process_index),
               num_parallel_calls=cfg.data.num_parallel_calls, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(cfg.data.prefetch)
-  ds = ds.with_options(_options(cfg))
   counter = _DropCounter(cfg)
   for batch in ds.as_numpy_iterator():
     counter.add(batch)
@@ -260,10 +259,10 @@ def eval_iterator(cfg, split: str | None = None, process_index: int = 0,
   if cfg.eval.get("max_images", None):
     total = min(total, int(cfg.eval.max_images))
   num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding())
+  ds = _records(builder, split)
   ds = ds.take(total).shard(process_count, process_index)
   ds = ds.map(_eval_example_fn(cfg), num_parallel_calls=cfg.data.num_parallel_calls,
-              deterministic=True).prefetch(cfg.data.prefetch).with_options(_options(cfg))
+              deterministic=True).prefetch(cfg.data.prefetch)
   dataset_info = info_lib.get_dataset_info(cfg.data)
   pad_size = tuple(cfg.data.eval_pad_size)
   examples = ds.as_numpy_iterator()

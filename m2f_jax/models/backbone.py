@@ -33,14 +33,10 @@ def build_backbone(backbone_cfg: ml_collections.ConfigDict, dtype: Any = jnp.flo
                      f"got {dtype}")
   name = backbone_cfg.get("name")
   if name == "resnet":
-    _require(backbone_cfg, ("depth", "stage_blocks", "stem_width", "base_width", "norm", "norm_eps"))
+    _require(backbone_cfg, ("stage_blocks", "stem_width", "base_width", "norm", "norm_eps"))
     blocks = tuple(int(b) for b in backbone_cfg.stage_blocks)
     if len(blocks) != 4 or min(blocks) < 1:
       raise ValueError(f"model.backbone.stage_blocks must be 4 positive counts, got {blocks}")
-    if backbone_cfg.depth != 2 + 3 * sum(blocks):
-      raise ValueError(f"model.backbone.depth={backbone_cfg.depth} disagrees with stage_blocks={blocks} "
-                       f"(a bottleneck ResNet with these blocks has depth {2 + 3 * sum(blocks)}); "
-                       "set both, e.g. with configs.base.resnet_backbone(101)")
     if backbone_cfg.norm not in NORMS:
       raise ValueError(f"model.backbone.norm must be one of {NORMS}, got {backbone_cfg.norm!r}")
     return ResNet(stage_blocks=blocks, stem_width=int(backbone_cfg.stem_width),

@@ -87,9 +87,6 @@ def validate_model_config(model_cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"model.{key} must hold 3 RGB values, got {value}")
   if min(model_cfg.pixel_std) <= 0:
     raise ValueError(f"model.pixel_std must be positive, got {tuple(model_cfg.pixel_std)}")
-  divisor = model_cfg.get("size_divisibility", SIZE_DIVISOR)
-  if not isinstance(divisor, int) or divisor < 1 or divisor % SIZE_DIVISOR:
-    raise ValueError(f"model.size_divisibility must be a positive multiple of {SIZE_DIVISOR}, got {divisor!r}")
 
   pix = model_cfg.pixel_decoder
   _positive_ints(pix, "model.pixel_decoder",

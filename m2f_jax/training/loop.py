@@ -76,7 +76,7 @@ class _StopRequest:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _sum_over_layers(metrics: dict) -> dict:
+def sum_over_layers(metrics: dict) -> dict:
   """Per-prediction terms ('loss_ce_0', 'loss_ce_1', ...) summed into one ('loss_ce')."""
   out = {}
   for key, value in metrics.items():
@@ -125,7 +125,7 @@ class _Logger:
       return
     bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
     bar.write(f"step {step}: " + ", ".join(
-        f"{k}={v:.5g}" for k, v in sorted(_sum_over_layers(means).items())))
+        f"{k}={v:.5g}" for k, v in sorted(sum_over_layers(means).items())))
     with self._writer.as_default(step=step):
       for k, v in means.items():
         self._tf.summary.write(k, self._tf.constant(v, self._tf.float32),
@@ -197,8 +197,12 @@ def _train_in_locked_workdir(cfg, workdir, *, model, loss_fn, make_iterator):
     workdir_lib.write_config(cfg, workdir)
   step = int(jax.device_get(state.step))
   if is_chief:
-    print(f"m2f_jax: {state_lib.num_params(state.params):,} parameters, {mesh.devices.size} "
-          f"devices, {jax.process_count()} processes, starting at step {step}", flush=True)
+    devices = mesh.devices.size
+    print(f"m2f_jax: {state_lib.num_params(state.params):,} parameters; {devices} "
+          f"{jax.devices()[0].platform} devices, {jax.process_count()} processes; global batch "
+          f"{cfg.batch_size} ({cfg.batch_size // devices} per device); step {step} of "
+          f"{cfg.total_steps}; checkpoints every {cfg.checkpoint_every} steps in {ckpt.directory}",
+          flush=True)
 
   train_step = step_lib.make_train_step(model, loss_fn, tx, schedule, mesh, step_key)
   evaluator = periodic_eval.PeriodicEvaluator(cfg, model, mesh, workdir)

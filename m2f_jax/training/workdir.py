@@ -5,9 +5,10 @@ new config with the workdir's config.json before anything is written, and the lo
 removed again when the run ends, however it ends.
 
 What may change on resume (`RESUMABLE_KEYS`): how long and how often (total_steps, log_every,
-checkpoint_every, keep_checkpoints), where the data lie and how fast they are read (data.data_dir,
-data.manual_dir, data.num_parallel_calls, data.prefetch, data.threads), everything under eval.*
-(evaluation does not touch the train state) and init_from (ignored once a checkpoint exists).
+checkpoint_every, keep_checkpoints, eval_every, stop_check_every), where the data lie and how fast
+they are read (data.data_dir, data.manual_dir, data.num_parallel_calls, data.prefetch), everything
+under eval.* (evaluation does not touch the train state) and init_from / model.backbone.init_from
+(ignored once a checkpoint exists).
 Every other key (model, loss, optimizer, augmentation, batch size, seed, ...) shapes the trained
 state or the data order, so a different value is refused. Keys present on only one side (a key
 that a newer version of the code added or removed) are not differences.
@@ -30,7 +31,8 @@ LOCK_FILE = "train.lock"
 
 RESUMABLE_KEYS = frozenset((
     "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "init_from",
-    "data.data_dir", "data.manual_dir", "data.num_parallel_calls", "data.prefetch", "data.threads",
+    "model.backbone.init_from", "eval_every", "stop_check_every",
+    "data.data_dir", "data.manual_dir", "data.num_parallel_calls", "data.prefetch",
 ))
 RESUMABLE_PREFIXES = ("eval.",)
 
