@@ -7,21 +7,18 @@ decoder's predictions, as train.py prints them), and the validation metrics of
 DIR/eval_history.jsonl (one JSON object a line: {"step": N, "panoptic/PQ": ...}, from evaluation
 during training) and of DIR/tensorboard/eval (what eval.py writes). Drawn with PIL.
 """
+import argparse
 import glob
 import json
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from absl import app
-from absl import flags
 from PIL import Image
 from PIL import ImageDraw
 
 from m2f_jax import quiet_logs
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
-_OUT = flags.DEFINE_string("out", None, "Output PNG (default: WORKDIR/curves.png).")
 
 Series = Dict[str, List[Tuple[int, float]]]  # name -> [(step, value)] sorted by step
 
@@ -160,17 +157,18 @@ def curves_picture(workdir: str) -> Image.Image:
   return out
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not os.path.isdir(os.path.join(_WORKDIR.value, "tensorboard")):
-    raise FileNotFoundError(f"--workdir={_WORKDIR.value!r} has no tensorboard folder; give the "
-                            "workdir of a train.py run")
-  out = _OUT.value or os.path.join(_WORKDIR.value, "curves.png")
-  curves_picture(_WORKDIR.value).save(out)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(description="Draws a training run's curves into one PNG.")
+  parser.add_argument("--workdir", required=True, help="Training workdir.")
+  parser.add_argument("--out", help="Output PNG (default: WORKDIR/curves.png).")
+  args = parser.parse_args(argv)
+  if not os.path.isdir(os.path.join(args.workdir, "tensorboard")):
+    sys.exit(f"error: --workdir={args.workdir!r} has no tensorboard folder; give the workdir of a "
+             "train.py run")
+  out = args.out or os.path.join(args.workdir, "curves.png")
+  curves_picture(args.workdir).save(out)
   print(f"curves: {out}")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  main()
