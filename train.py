@@ -7,7 +7,7 @@ M2F_* environment variables, see m2f_jax.parallel), or --multihost to let JAX de
 from m2f_jax import host_memory  # pylint: disable=g-bad-import-order
 
 if __name__ == "__main__":
-  host_memory.relaunch_with_huge_pages()  # before jax and TF start threads
+  host_memory.relaunch_with_huge_pages()  # M2F_HUGE_PAGES=1 (CPU runs); before threads start
 # pylint: disable=wrong-import-position
 
 import sys

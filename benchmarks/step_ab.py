@@ -9,7 +9,7 @@ variants of `train_step.py`'s JAX step (same model, batch and initial parameters
 `--b` is a dotted config key = Python literal) are compiled in this process and run alternately
 (A B, B A, A B, ...) on the same batch; the first round is untimed. Prints each variant's median
 seconds per step and the paired differences B - A (median, mean, standard deviation). Runs with
-malloc's huge pages, as train.py does.
+malloc's huge pages (as train.py does with M2F_HUGE_PAGES=1).
 """
 import argparse
 import ast
@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from m2f_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+os.environ.setdefault(host_memory.ENABLE_VARIABLE, "1")
 host_memory.relaunch_with_huge_pages()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position

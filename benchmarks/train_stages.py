@@ -7,7 +7,7 @@ The stages of `train_step.py`'s model, one at a time on the same shapes: backbon
 transformer decoder, in training mode, with 1e-6 * (sum of squares of the stage's outputs) as the
 loss; the gradient is taken w.r.t. the stage's parameters and inputs. Each framework runs in its
 own subprocess, with its own random weights (timing only), both with malloc's huge pages on
-(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as train.py runs). Seconds are the median of --repeats
+(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as train.py runs with M2F_HUGE_PAGES=1). Seconds are the median of --repeats
 timed runs after a warm-up run (JAX compiled apart). Prints a markdown table with ratios.
 """
 import argparse

@@ -11,7 +11,7 @@ Each measurement runs in its own subprocess so its peak resident memory (ru_maxr
   torch  Mask2FormerForUniversalSegmentation(pixel_values, mask_labels, class_labels).loss
          .backward() + AdamW step
   jax_huge, torch_huge  the same two with malloc's transparent huge pages on
-         (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which train.py sets by default through
+         (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which train.py sets with M2F_HUGE_PAGES=1 through
          m2f_jax.host_memory; both frameworks gain from them)
   jax_arena, torch_arena  the same two with freed memory kept in the process instead (mallopt:
          one arena, no mmap'd blocks, no trimming)
@@ -264,7 +264,7 @@ def _child(args) -> None:
 def run_child(script: str, which: str, child_args: list, malloc: str = "",
               platform: str = "cpu") -> dict:
   """Runs `script --child which *child_args` in a subprocess; returns its RESULT dict.
-  `malloc`: 'huge' (transparent huge pages, as train.py runs), 'arena' (one arena keeping freed
+  `malloc`: 'huge' (transparent huge pages, as train.py runs with M2F_HUGE_PAGES=1), 'arena' (one arena keeping freed
   memory), 'huge_kept' (huge pages, freed memory kept) or anything else for glibc's defaults.
   `platform`: JAX's, 'cpu' or 'gpu' (CUDA)."""
   cmd = [sys.executable, os.path.abspath(script), "--child", which] + child_args
@@ -312,7 +312,7 @@ def main() -> None:
   cfg = _config(args)
   gpu = args.platform == "gpu"
   malloc_rows = (("", "GPU, framework defaults"),) if gpu else (
-      ("", "glibc defaults"), ("_huge", "huge pages (train.py's default)"),
+      ("", "glibc defaults"), ("_huge", "huge pages (M2F_HUGE_PAGES=1)"),
       ("_arena", "one arena, freed memory kept"),
       ("_huge_kept", "huge pages, freed memory kept"))
   with tempfile.TemporaryDirectory() as tmp:

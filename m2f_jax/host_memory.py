@@ -1,27 +1,29 @@
-"""Transparent huge pages for malloc'd memory, the default of train.py and eval.py (Linux, glibc).
+"""Transparent huge pages for malloc'd memory on CPU runs: opt in with M2F_HUGE_PAGES=1 (Linux, glibc).
 
 XLA:CPU allocates each step's temporary buffers anew (3.3 GB for a Swin-T train step at 384x384).
 glibc maps such blocks fresh and unmaps them on free, so every step page-faults through all of its
 temporary memory again, 4 KB at a time: about 900,000 faults a Swin-T step. glibc's tunable
 `glibc.malloc.hugetlb=1` makes malloc ask the kernel for transparent huge pages (madvise), and the
 step faults a few thousand times, 2 MB at a time (benchmarks/train_step.py on 2 cores: 6.6-7.3 ->
-5.0-5.4 s per step).
+5.0-5.4 s per step). On GPU and TPU the step's buffers live on the device and this buys nothing,
+so it is off unless asked for.
 
 glibc reads tunables once, when the process starts, so `relaunch_with_huge_pages()` re-executes
 the program (same process id, same arguments) with the tunable added to GLIBC_TUNABLES. It does
-nothing when the tunable is already set, on other systems, when the kernel's transparent huge
-pages are off, or with M2F_HUGE_PAGES=0 in the environment.
+so only with M2F_HUGE_PAGES=1 in the environment, and not when the tunable is already set, on
+other systems or when the kernel's transparent huge pages are off.
 
-Compiling a Swin-T train step frees about 1.3 GB into malloc's heaps, where it stays. The step's
-temporaries are large mmap'd blocks that cannot reuse it, so it would add to the peak resident
-memory of every step; `release_freed_memory()` after the compile hands it back to the kernel.
+Compiling a Swin-T train step on CPU frees about 1.3 GB into malloc's heaps, where it stays. The
+step's temporaries are large mmap'd blocks that cannot reuse it, so it would add to the peak
+resident memory of every step; `release_freed_memory()` after the compile hands it back to the
+kernel (m2f_jax.training.step calls it for CPU compiles only).
 """
 import ctypes
 import os
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-DISABLE_VARIABLE = "M2F_HUGE_PAGES"
+ENABLE_VARIABLE = "M2F_HUGE_PAGES"  # "1": relaunch with huge pages
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -57,11 +59,12 @@ def environment_with_huge_pages(environ) -> dict:
 
 
 def relaunch_with_huge_pages() -> None:
-  """Re-executes this program with malloc's huge pages on, where they are off and can be had.
+  """With M2F_HUGE_PAGES=1, re-executes this program with malloc's huge pages on, where they are
+  off and can be had.
 
   Call it first thing in a program's entry point, before anything starts threads or prints.
   """
-  if (os.environ.get(DISABLE_VARIABLE) == "0" or not sys.platform.startswith("linux")
+  if (os.environ.get(ENABLE_VARIABLE) != "1" or not sys.platform.startswith("linux")
       or TUNABLE in _tunables(os.environ)
       or not glibc_available() or not transparent_huge_pages_available()):
     return

@@ -272,6 +272,20 @@ def test_drawn_points_do_not_depend_on_the_packing():
   np.testing.assert_allclose(totals[0], totals[1], rtol=1e-6)
 
 
+def test_both_point_selections_give_the_same_loss():
+  """'top_k' (accelerators) and 'bisection' (CPU) keep the same points: equal loss and terms."""
+  rng = np.random.default_rng(6)
+  outputs = {"class_logits": rng.normal(size=(2, BATCH, QUERIES, CLASSES + 1)),
+             "mask_logits": rng.normal(size=(2, BATCH, QUERIES, HEIGHT // 4, WIDTH // 4))}
+  batch = {"labels": LABELS, "segment_ids": _segment_ids(rng, LABELS)}
+  results = [jax.jit(lambda o, s=selection: criterion.mask2former_loss(
+      o, batch, jax.random.key(0), _loss_cfg(uncertain_selection=s), CLASSES))(outputs)
+             for selection in ("top_k", "bisection")]
+  for name, value in results[0][1].items():
+    np.testing.assert_allclose(float(results[1][1][name]), float(value), rtol=1e-6, err_msg=name)
+  np.testing.assert_allclose(float(results[1][0]), float(results[0][0]), rtol=1e-6)
+
+
 def test_no_targets_is_finite_and_compiles_once(parity_case, loss_and_grad):
   step, traces = loss_and_grad
   rng = np.random.default_rng(1)
@@ -321,6 +335,8 @@ def test_bad_settings_are_rejected():
     criterion.mask2former_loss(outputs, batch, key, _loss_cfg(matcher="greedy"), CLASSES)
   with pytest.raises(ValueError, match="slots_per_pass"):
     criterion.mask2former_loss(outputs, batch, key, _loss_cfg(slots_per_pass=0), CLASSES)
+  with pytest.raises(ValueError, match="uncertain_selection"):
+    criterion.mask2former_loss(outputs, batch, key, _loss_cfg(uncertain_selection="sort"), CLASSES)
   with pytest.raises(ValueError, match="importance_sample_ratio"):
     criterion.mask2former_loss(outputs, batch, key, _loss_cfg(importance_sample_ratio=1.5), CLASSES)
   with pytest.raises(ValueError, match="segment_ids"):

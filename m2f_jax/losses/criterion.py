@@ -79,7 +79,7 @@ def _pair_terms(logits: jax.Array, target: jax.Array
   """
   num_points = logits.shape[-1]
   probs = jax.nn.sigmoid(logits)
-  bce = jnp.mean(matcher.softplus(logits) - logits * target, axis=-1)
+  bce = jnp.mean(jax.nn.softplus(logits) - logits * target, axis=-1)
   numerator = 2.0 * jnp.sum(probs * target, axis=-1, keepdims=True) + 1.0
   denominator = jnp.sum(probs, axis=-1, keepdims=True) + jnp.sum(target, axis=-1,
                                                                   keepdims=True) + 1.0
@@ -130,7 +130,8 @@ def _mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array, query_for_ta
       oversampled = jnp.asarray(candidates["oversampled"])[:, images, slots]
       fresh = jnp.asarray(candidates["fresh"])[:, images, slots]
     return point_sampling.importance_points(maps, oversampled.reshape(pairs, -1, 2),
-                                            fresh.reshape(pairs, -1, 2), num_uncertain)
+                                            fresh.reshape(pairs, -1, 2), num_uncertain,
+                                            loss_cfg.get("uncertain_selection", "top_k"))
 
   def run_pass(images: jax.Array, slots: jax.Array, real: jax.Array, carry):
     queries = query_for_target[:, images, slots]  # [L, per_pass]
@@ -299,6 +300,10 @@ def _check_inputs(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.A
   per_pass = loss_cfg.get("slots_per_pass")
   if not isinstance(per_pass, int) or isinstance(per_pass, bool) or per_pass < 1:
     raise ValueError(f"loss.slots_per_pass must be an int >= 1, got {per_pass!r}")
+  selection = loss_cfg.get("uncertain_selection", "top_k")
+  if selection not in point_sampling.SELECTIONS:
+    raise ValueError(f"loss.uncertain_selection must be one of {point_sampling.SELECTIONS}, got "
+                     f"{selection!r}")
 
 
 def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
@@ -312,7 +317,7 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
     batch: 'labels' int [B, M] (-1 = padding), 'segment_ids' int [B, S, H, W]; other keys ignored.
     rng: key for the random points (unused when `points` is given).
     loss_cfg: cfg.loss (class/mask/dice/no_object weights, num_points, oversample_ratio,
-      importance_sample_ratio, matcher, slots_per_pass).
+      importance_sample_ratio, matcher, slots_per_pass, uncertain_selection).
     num_classes: K.
     points: optional injected points with a leading L axis (see `Points`).
     mesh: the mesh whose data axis shards the batch (train steps); each device then runs the mask

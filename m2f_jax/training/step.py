@@ -80,8 +80,10 @@ def make_train_step(model: Any, loss_fn: LossFn, tx: optax.GradientTransformatio
 
 
 def compile_step(train_step, state: TrainState, batch: Mapping[str, jax.Array]):
-  """`make_train_step`'s step compiled for these arguments' shapes and shardings. The memory the
-  compiler freed is then returned to the kernel, so that it does not add to every step's peak."""
+  """`make_train_step`'s step compiled for these arguments' shapes and shardings. On CPU, the
+  memory the compiler freed is then returned to the kernel, so that it does not add to every
+  step's peak host memory (elsewhere the step's buffers live on the device)."""
   compiled = train_step.lower(state, batch).compile()
-  host_memory.release_freed_memory()
+  if jax.default_backend() == "cpu":
+    host_memory.release_freed_memory()
   return compiled
