@@ -27,6 +27,9 @@ def quiet_third_party_logs() -> None:
   """Hides TensorFlow's and tensorflow_datasets' INFO and WARNING lines. Call before importing
   TensorFlow (its C++ logging reads TF_CPP_MIN_LOG_LEVEL once, at load)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # 1: C++ warnings and errors only
+  # TensorFlow announces its oneDNN kernels whatever the level; they only serve TF's own math
+  # (convolutions, matmuls), which the input pipeline does not use.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   logging.getLogger("tensorflow").setLevel(logging.ERROR)
   absl_logger = logging.getLogger("absl")  # tensorflow_datasets logs through absl.logging
   if not any(isinstance(f, _BelowErrorFromPackages) for f in absl_logger.filters):
