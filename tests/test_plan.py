@@ -59,7 +59,8 @@ def test_report_has_every_number_of_both_programs(planned):
   assert report["train"]["alias_bytes"] > 0 and report["eval"]["alias_bytes"] == 0
   text = plan.format_report(report)
   for label in ("train step", "evaluation forward", "arguments", "temporaries", "generated code",
-                "peak memory", "FLOPs", "bytes accessed", "lower bound", "unknown (give --hbm_gib)"):
+                "peak memory", "FLOPs", "bytes accessed", "lower bound",
+                "unknown (give --hbm_gib)"):
     assert label in text
 
 

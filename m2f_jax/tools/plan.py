@@ -20,9 +20,11 @@ for this machine's CPU devices (HBM unknown unless --hbm_gib is given). docs/pla
 """
 import os
 
-# libtpu reads these when it loads: no metadata server query (this is no TPU VM), and a second
+# libtpu reads these when it loads: no metadata server query (this need not be a TPU VM), one
+# host (without it libtpu logs an INVALID_ARGUMENT error about worker hostnames), and a second
 # process may load it while another holds its lock file.
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # pylint: disable=wrong-import-position
 
@@ -31,16 +33,27 @@ import math
 import re
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import Mesh
 from ml_collections import config_flags
 import ml_collections
+import numpy as np
 
 from m2f_jax import command_line
+from m2f_jax import parallel
 from m2f_jax import quiet_logs
+from m2f_jax.evaluation import loop as eval_loop
+from m2f_jax.models import build_model
+from m2f_jax.training import optimizer
+from m2f_jax.training import state as state_lib
+from m2f_jax.training import step as step_lib
 
 GIB = 2**30
 # HBM per chip (one JAX device per chip: v4 in megacore mode).
@@ -58,8 +71,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, f"Target: {TOPOLOGY_FORMS}.")
 _PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", 2, "Training images per chip; the global "
                                        "batch is this times the chips (overrides cfg.batch_size).")
 _EVAL_PER_CHIP_BATCH = flags.DEFINE_integer(
-    "eval_per_chip_batch", None, "Evaluation images per chip (default: cfg.eval.batch_size / chips, "
-    "rounded up, at least 1).")
+    "eval_per_chip_batch", None, "Evaluation images per chip (default: cfg.eval.batch_size / "
+    "chips, rounded up, at least 1).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per chip in GiB (default: the chip's HBM: "
                               + ", ".join(f"{k} {v}" for k, v in HBM_GIB.items()) + ").")
 _JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
@@ -79,11 +92,9 @@ def chip_family(topology: str) -> Optional[str]:
 def topology_devices(topology: str) -> list:
   """The devices to compile for: compile-only TPU devices of the topology (one per chip), or this
   machine's CPU devices for 'cpu'."""
-  import jax  # pylint: disable=g-import-not-at-top
   family = chip_family(topology)
   if family is None:
     return jax.devices("cpu")
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kwargs = {"chip_config_name": "megacore"} if family == "v4" else {}
   try:
     return list(topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices)
@@ -96,18 +107,12 @@ def topology_devices(topology: str) -> list:
 
 
 def _abstract(tree: Any, sharding: Any) -> Any:
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
-def _lower_train_step(cfg: ml_collections.ConfigDict, model: Any, mesh: Any, state: Any):
-  """The train step of train.py lowered for an abstract batch of cfg.batch_size images."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
-  from m2f_jax.training import optimizer  # pylint: disable=g-import-not-at-top
-  from m2f_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  tx, schedule = optimizer.build_optimizer(cfg)
+def _lower_train_step(cfg: ml_collections.ConfigDict, model: Any, mesh: Mesh, tx: Any,
+                      schedule: Callable, state: state_lib.TrainState):
+  """train.py's step lowered for the abstract `state` and a batch of cfg.batch_size images."""
   step_key = jax.random.split(jax.random.key(cfg.seed))[1]  # as loop.train draws it
   train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg, mesh), tx, schedule,
                                         mesh, step_key)
@@ -121,12 +126,8 @@ def _lower_train_step(cfg: ml_collections.ConfigDict, model: Any, mesh: Any, sta
   return train_step.lower(state, batch)
 
 
-def _lower_eval_forward(model: Any, mesh: Any, variables: Any, batch: int, pad_hw: tuple):
+def _lower_eval_forward(model: Any, mesh: Mesh, variables: Any, batch: int, pad_hw: tuple):
   """eval.py's forward lowered for `batch` padded images [batch, *pad_hw, 3]."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
-  from m2f_jax.evaluation import loop as eval_loop  # pylint: disable=g-import-not-at-top
   sharded = parallel.data_sharded(mesh)
   images = jax.ShapeDtypeStruct((batch, *pad_hw, 3), jnp.uint8, sharding=sharded)
   valid_hw = jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=sharded)
@@ -177,7 +178,8 @@ def measure(lowered: Any, platform: str, hbm_bytes: Optional[int]) -> tuple[Any,
 
 def plan(cfg: ml_collections.ConfigDict, topology: str, per_chip_batch: int,
          eval_per_chip_batch: Optional[int] = None, hbm_gib: Optional[float] = None,
-         programs: Sequence[str] = PROGRAMS, log=print) -> tuple[dict, dict]:
+         programs: Sequence[str] = PROGRAMS,
+         log: Callable[[str], None] = print) -> tuple[dict, dict]:
   """Compiles the programs of `cfg` for `topology`.
 
   Returns:
@@ -185,18 +187,11 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, per_chip_batch: int,
     'train' / 'eval' the numbers of `measure` with the batch and image size), and the compiled
     programs by name (None where the compiler ran out of memory).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
-  from m2f_jax import parallel  # pylint: disable=g-import-not-at-top
-  from m2f_jax.models import build_model  # pylint: disable=g-import-not-at-top
-  from m2f_jax.training import optimizer  # pylint: disable=g-import-not-at-top
-  from m2f_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown or not programs:
     raise ValueError(f"--programs={','.join(programs)}: give one or more of {', '.join(PROGRAMS)}")
-  for name, value in (("per_chip_batch", per_chip_batch), ("eval_per_chip_batch", eval_per_chip_batch)):
+  for name, value in (("per_chip_batch", per_chip_batch),
+                      ("eval_per_chip_batch", eval_per_chip_batch)):
     if value is not None and value < 1:
       raise ValueError(f"--{name} must be a positive integer, got {value}")
   if hbm_gib is not None and hbm_gib <= 0:
@@ -213,7 +208,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, per_chip_batch: int,
     eval_per_chip_batch = max(1, math.ceil(cfg.eval.batch_size / chips))
   mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
   model = build_model(cfg)
-  tx, _ = optimizer.build_optimizer(cfg)
+  tx, schedule = optimizer.build_optimizer(cfg)
   state = jax.eval_shape(lambda key: state_lib.create_train_state(
       state_lib.init_variables(model, key, tuple(cfg.data.image_size)), tx), jax.random.key(0))
   state = _abstract(state, parallel.replicated(mesh))
@@ -227,8 +222,8 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, per_chip_batch: int,
   if "train" in programs:
     log(f"compiling the train step for {where}: {per_chip_batch} images of "
         f"{'x'.join(map(str, cfg.data.image_size))} per chip ...")
-    compiled["train"], numbers = measure(_lower_train_step(cfg, model, mesh, state), platform,
-                                          hbm_bytes)
+    lowered = _lower_train_step(cfg, model, mesh, tx, schedule, state)
+    compiled["train"], numbers = measure(lowered, platform, hbm_bytes)
     report["train"] = {"per_chip_batch": per_chip_batch, "global_batch": cfg.batch_size,
                        "image_hw": list(cfg.data.image_size), **numbers}
   if "eval" in programs:
@@ -304,7 +299,8 @@ def failures(report: dict) -> list[str]:
                  f"memory ({p['error'].splitlines()[0]})")
     else:
       out.append(f"the {name} program does not fit {report['topology']}: its peak "
-                 f"{_size(p['peak_bytes'])} per chip exceeds the {_size(report['hbm_bytes'])} of HBM")
+                 f"{_size(p['peak_bytes'])} per chip exceeds the {_size(report['hbm_bytes'])} "
+                 "of HBM")
   return out
 
 
@@ -314,13 +310,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
     quiet_logs.quiet_third_party_logs()
-  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")  # TPU programs only compile here; nothing runs
   cfg = _CONFIG.value
   try:
-    chip_family(_TOPOLOGY.value)  # before the slow imports and the config's data checks
+    chip_family(_TOPOLOGY.value)  # before the config's data checks
     if cfg.data.name == "custom":  # its class count comes from the data set's files
-      from m2f_jax import data  # pylint: disable=g-import-not-at-top
       data.resolve_num_classes(cfg)
     report, _ = plan(cfg, _TOPOLOGY.value, _PER_CHIP_BATCH.value, _EVAL_PER_CHIP_BATCH.value,
                      _HBM_GIB.value, tuple(_PROGRAMS.value), log=lambda s: print(s, flush=True))
