@@ -315,10 +315,11 @@ def main(argv):
   try:
     chip_family(_TOPOLOGY.value)  # before the config's data checks
     if cfg.data.name == "custom":  # its class count comes from the data set's files
+      from m2f_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
       data.resolve_num_classes(cfg)
     report, _ = plan(cfg, _TOPOLOGY.value, _PER_CHIP_BATCH.value, _EVAL_PER_CHIP_BATCH.value,
                      _HBM_GIB.value, tuple(_PROGRAMS.value), log=lambda s: print(s, flush=True))
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: a custom data set's files
     sys.exit(f"error: {e}")
   report["argv"] = sys.argv[1:]
   print(format_report(report), flush=True)
