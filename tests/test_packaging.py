@@ -52,6 +52,13 @@ def test_accelerator_extras_pin_the_same_jax():
     assert _pins(project["optional-dependencies"][extra]) == {"jax": jax_version}, extra
 
 
+def test_tpu_requirements_are_the_tpu_extra_on_top_of_requirements():
+  with open(os.path.join(_ROOT, "requirements-tpu.txt")) as f:
+    lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+  assert lines[0] == "-r requirements.txt"
+  assert _pins(lines[1:]) == _pins(_project()["optional-dependencies"]["tpu"])
+
+
 def test_wheel_holds_library_and_configs(tmp_path):
   source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
   ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
