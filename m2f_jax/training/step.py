@@ -26,13 +26,14 @@ MODEL_INPUT_KEYS = ("image", "valid_hw", "labels", "segment_ids")
 
 def default_loss_fn(cfg: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
   """The Mask2Former criterion with cfg.loss and cfg.model.num_classes, for batches sharded over
-  `mesh` (each device runs the mask losses over its own images' targets)."""
+  `mesh` (each device runs the mask losses over its own images' targets); a batch without
+  'image_index' and 'whole_batch_labels' is a whole batch."""
   from m2f_jax.losses.criterion import mask2former_loss  # pylint: disable=g-import-not-at-top
 
   def loss_fn(outputs, batch, rng):
     return mask2former_loss(outputs, batch, rng, cfg.loss, cfg.model.num_classes, mesh=mesh,
-                            image_index=batch["image_index"],
-                            whole_batch_labels=batch["whole_batch_labels"])
+                            image_index=batch.get("image_index"),
+                            whole_batch_labels=batch.get("whole_batch_labels"))
 
   return loss_fn
 
