@@ -69,7 +69,8 @@ def remat_runs():
   variables = jax.jit(build_model(cfg).init)(jax.random.key(0), images)
   shapes = jax.eval_shape(lambda v: build_model(cfg).apply(v, images), variables)
   keys = jax.random.split(jax.random.key(1), 2)
-  weights = {name: jax.random.normal(k, shapes[name].shape) for k, name in zip(keys, sorted(shapes))}
+  weights = {name: jax.random.normal(key, shapes[name].shape)
+             for key, name in zip(keys, sorted(shapes))}
   runs = {}
   for setting in ("none",) + REMAT_SETTINGS:
     model = build_model(_with(cfg, **{"model.remat": setting}))

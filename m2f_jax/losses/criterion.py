@@ -6,8 +6,9 @@ uncertainty-sampled points, summed and divided by the number of real targets of 
 batch. The random points of an image are drawn from keys folded with its index in the batch, so
 they do not depend on how the batch is split (devices, micro-batches of gradient accumulation);
 given the whole batch's labels, a micro-batch's terms are normalised as the whole batch's, and the
-micro-batches' terms add up to the whole batch's. Terms `loss_ce_{l}`, `loss_mask_{l}`, `loss_dice_{l}` (l = L - 1 is the final prediction)
-come weighted; the total is their sum. Everything is float32.
+micro-batches' terms add up to the whole batch's. Terms `loss_ce_{l}`, `loss_mask_{l}`,
+`loss_dice_{l}` (l = L - 1 is the final prediction) come weighted; the total is their sum.
+Everything is float32.
 
 Cost: the matching of all L x B images runs at once (small). The mask losses run over the matched
 (image, target slot) pairs, packed across images and taken B x `loss.slots_per_pass` at a time

@@ -203,8 +203,8 @@ def _train_in_locked_workdir(cfg, workdir, *, model, loss_fn, make_iterator):
     accumulation = f", in {micro} micro-batches" if micro > 1 else ""
     print(f"m2f_jax: {state_lib.num_params(state.params):,} parameters; {devices} "
           f"{jax.devices()[0].platform} devices, {jax.process_count()} processes; global batch "
-          f"{cfg.batch_size} ({cfg.batch_size // devices} per device{accumulation}); step {step} of "
-          f"{cfg.total_steps}; checkpoints every {cfg.checkpoint_every} steps in {ckpt.directory}",
+          f"{cfg.batch_size} ({cfg.batch_size // devices} per device{accumulation}); step {step} "
+          f"of {cfg.total_steps}; checkpoints every {cfg.checkpoint_every} steps in {ckpt.directory}",
           flush=True)
 
   train_step = step_lib.make_train_step(model, loss_fn, tx, schedule, mesh, step_key,

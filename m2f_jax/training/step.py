@@ -43,7 +43,8 @@ def check_grad_accum_steps(batch_size: int, grad_accum_steps: Any, num_devices: 
   the same number of images on every device."""
   if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) or (
       grad_accum_steps < 1):
-    raise ValueError(f"config.grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
+    raise ValueError(
+        f"config.grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
   if batch_size % (grad_accum_steps * num_devices):
     raise ValueError(f"batch_size {batch_size} must be a multiple of grad_accum_steps x device "
                      f"count = {grad_accum_steps} x {num_devices} (every micro-batch spreads over "
