@@ -159,7 +159,7 @@ class PixelDecoder(nn.Module):
     layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
     for i in range(self.num_layers):
       src = layer(self.conv_dim, levels, self.num_heads, self.num_points, self.ffn_dim,
-                         name=f"encoder_layer_{i}")(src, pos, reference, spatial_shapes)
+                  name=f"encoder_layer_{i}")(src, pos, reference, spatial_shapes)
 
     multi_scale, start = [], 0
     for height, width in spatial_shapes:

@@ -146,7 +146,7 @@ class ResStage(nn.Module):
     block = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     for i in range(self.num_blocks):
       x = block(self.width, self.stride if i == 0 else 1, project=(i == 0), norm=self.norm,
-                     norm_eps=self.norm_eps, dtype=self.dtype, name=f"block{i}")(x, train)
+                norm_eps=self.norm_eps, dtype=self.dtype, name=f"block{i}")(x, train)
     return x
 
 
