@@ -257,8 +257,8 @@ class SwinStage(nn.Module):
     block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
     for j in range(self.depth):
       x = block(self.num_heads, self.window_size, shift=0 if j % 2 == 0 else self.window_size // 2,
-                    mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rates[j],
-                    dtype=self.dtype, name=f"block{j}")(x, train)
+                mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rates[j],
+                dtype=self.dtype, name=f"block{j}")(x, train)
     if not self.downsample:
       return x, x
     return x, PatchMerging(self.dtype, name="downsample")(x)
