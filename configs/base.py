@@ -64,6 +64,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_queries=100, hidden_dim=256, num_heads=8, ffn_dim=2048, num_layers=9,
   ))
   c.model.dtype = "float32"                    # compute dtype: 'float32' or 'bfloat16'
+  # Rematerialisation (jax.checkpoint), a memory lever that changes neither parameters nor numbers:
+  # 'none', 'all' or a comma-separated list of 'backbone' (the ResNet stem and each bottleneck /
+  # each Swin block), 'pixel_decoder' (each deformable encoder layer and the FPN step), 'decoder'
+  # (each masked-attention layer). Each such block keeps only its inputs for the backward pass,
+  # which recomputes its activations: less memory for about one more forward pass of those stages.
+  c.model.remat = "none"
 
   # ---------------------------------------------------------------- loss
   c.loss = ml_collections.ConfigDict(dict(
@@ -133,6 +139,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- run
   c.total_steps = 368_750
   c.batch_size = 16                            # global, over all devices and hosts
+  # Gradient accumulation: the step takes the global batch as this many micro-batches (each spread
+  # over all devices) in a loop and makes one update, so memory is that of one micro-batch. The
+  # update is the whole batch's (up to float rounding) but for sync BN statistics (per
+  # micro-batch) and Swin's drop-path draws (per micro-batch); see m2f_jax/training/step.py.
+  # batch_size must be a multiple of grad_accum_steps x device count.
+  c.grad_accum_steps = 1
   c.checkpoint_every = 5000
   c.keep_checkpoints = 3
   c.log_every = 50

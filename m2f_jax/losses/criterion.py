@@ -3,8 +3,12 @@
 For each of the L predictions: Hungarian matching on uniform points, a class-weighted
 cross-entropy over all queries of the batch, and BCE + dice on the matched pairs at
 uncertainty-sampled points, summed and divided by the number of real targets of the (global)
-batch. Terms `loss_ce_{l}`, `loss_mask_{l}`, `loss_dice_{l}` (l = L - 1 is the final prediction)
-come weighted; the total is their sum. Everything is float32.
+batch. The random points of an image are drawn from keys folded with its index in the batch, so
+they do not depend on how the batch is split (devices, micro-batches of gradient accumulation);
+given the whole batch's labels, a micro-batch's terms are normalised as the whole batch's, and the
+micro-batches' terms add up to the whole batch's. Terms `loss_ce_{l}`, `loss_mask_{l}`,
+`loss_dice_{l}` (l = L - 1 is the final prediction) come weighted; the total is their sum.
+Everything is float32.
 
 Cost: the matching of all L x B images runs at once (small). The mask losses run over the matched
 (image, target slot) pairs, packed across images and taken B x `loss.slots_per_pass` at a time
@@ -38,9 +42,18 @@ _BY_IMAGE = P(parallel.DATA_AXIS)
 Points = Mapping[str, jax.Array]
 
 
+def class_weight_total(labels: jax.Array, num_queries: int, no_object_weight: float) -> jax.Array:
+  """The sum of the class loss's weights over all queries of the images of `labels` [B, M]:
+  an image's matched queries weigh 1, the others `no_object_weight`. The matcher matches every
+  real target, or every query when there are more targets, so min(real targets, Q) per image."""
+  matched = jnp.minimum(jnp.sum(labels >= 0, axis=1), num_queries).astype(jnp.float32)
+  return jnp.sum(no_object_weight * num_queries + (1.0 - no_object_weight) * matched)
+
+
 def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: jax.Array,
-                matched: jax.Array, no_object_weight: float) -> jax.Array:
-  """Weighted-mean cross-entropy over all queries (F.cross_entropy with class weights).
+                matched: jax.Array, no_object_weight: float, weight_total: jax.Array) -> jax.Array:
+  """Cross-entropy over all queries, weighted (F.cross_entropy with class weights), summed and
+  divided by `weight_total`: the weighted mean when that is these images' `class_weight_total`.
 
   Args:
     class_logits: [B, Q, K+1].
@@ -48,6 +61,7 @@ def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: ja
     query_for_target: int [B, M].
     matched: bool [B, M].
     no_object_weight: weight of the no-object class K.
+    weight_total: float32 [], the sum of the weights to divide by.
 
   Returns:
     float32 [].
@@ -62,7 +76,7 @@ def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: ja
   log_probs = jax.nn.log_softmax(class_logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, target_class[..., None], axis=-1)[..., 0]
   weight = jnp.where(target_class == no_object, no_object_weight, 1.0)
-  return jnp.sum(weight * nll) / jnp.sum(weight)
+  return jnp.sum(weight * nll) / weight_total
 
 
 def _pair_terms(logits: jax.Array, target: jax.Array
@@ -90,17 +104,17 @@ def _pair_terms(logits: jax.Array, target: jax.Array
 
 
 def _mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
-                    matched: jax.Array, rng: jax.Array, candidates: Optional[Points],
-                    loss_cfg: ml_collections.ConfigDict, with_gradients: bool,
-                    first_image: jax.Array = 0):
+                    matched: jax.Array, image_index: jax.Array, rng: jax.Array,
+                    candidates: Optional[Points], loss_cfg: ml_collections.ConfigDict,
+                    with_gradients: bool):
   """BCE and dice summed over the matched pairs, pass by pass over the used (image, slot) pairs.
 
   Each pass takes B x `loss.slots_per_pass` (image, slot) pairs of the packed used ones, gathers
   their maps in every prediction, picks their importance-sampled points (no gradient; drawn from
-  a key of the image and slot, so they do not depend on the packing) and evaluates the losses
-  and, if asked, their gradients, which it scatter-adds into [L, B, Q, h, w] buffers. Nothing per
-  pass outlives it. Arguments as `_mask_losses`; `with_gradients` also computes the gradients;
-  `first_image` is the batch index of image 0 here (the points' keys use batch indices).
+  a key of the image's `image_index` and the slot, so they do not depend on the packing) and
+  evaluates the losses and, if asked, their gradients, which it scatter-adds into [L, B, Q, h, w]
+  buffers. Nothing per pass outlives it. Arguments as `_mask_losses`; `with_gradients` also
+  computes the gradients.
 
   Returns:
     (bce [L], dice [L]) and, with gradients, (d bce, d dice): each [L, B, Q, h, w] holding the
@@ -123,7 +137,7 @@ def _mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array, query_for_ta
   def pass_points(images: jax.Array, slots: jax.Array, maps: jax.Array) -> jax.Array:
     """Importance-sampled points of the pass's pairs: [L * per_pass, P, 2]."""
     if candidates is None:
-      pair_ids = (first_image + images) * num_slots + slots
+      pair_ids = image_index[images] * num_slots + slots
       keys = jax.vmap(lambda pair: jax.random.fold_in(rng, pair))(pair_ids)
       oversampled, fresh = jax.vmap(draw_points, out_axes=1)(keys)  # [L, per_pass, *, 2] each
     else:
@@ -160,7 +174,8 @@ def _mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array, query_for_ta
 
 
 def _sharded_mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array,
-                            query_for_target: jax.Array, matched: jax.Array, rng: jax.Array,
+                            query_for_target: jax.Array, matched: jax.Array,
+                            image_index: jax.Array, rng: jax.Array,
                             candidates: Optional[Points], loss_cfg: ml_collections.ConfigDict,
                             mesh: Optional[Mesh], with_gradients: bool):
   """`_mask_loss_sums` with every device packing the pairs of its own images.
@@ -170,27 +185,26 @@ def _sharded_mask_loss_sums(mask_logits: jax.Array, segment_ids: jax.Array,
   the passes run under shard_map over its data axis: each device loops over its images' pairs
   only, and the sums are added over devices. Without one, the whole batch is packed together.
   """
-  args = (mask_logits, segment_ids, query_for_target, matched, rng, candidates)
+  args = (mask_logits, segment_ids, query_for_target, matched, image_index, rng, candidates)
   if mesh is None:
     return _mask_loss_sums(*args, loss_cfg, with_gradients)
 
   def per_device(*local_args):
-    first_image = jax.lax.axis_index(parallel.DATA_AXIS) * local_args[0].shape[1]
-    sums, gradients = _mask_loss_sums(*local_args, loss_cfg, with_gradients, first_image)
+    sums, gradients = _mask_loss_sums(*local_args, loss_cfg, with_gradients)
     return jax.lax.psum(sums, parallel.DATA_AXIS), gradients
 
-  in_specs = (_LAYERS_BY_IMAGE, _BY_IMAGE, _LAYERS_BY_IMAGE, _LAYERS_BY_IMAGE, P(),
+  in_specs = (_LAYERS_BY_IMAGE, _BY_IMAGE, _LAYERS_BY_IMAGE, _LAYERS_BY_IMAGE, _BY_IMAGE, P(),
               jax.tree.map(lambda _: _LAYERS_BY_IMAGE, candidates))
   out_specs = (P(), (_LAYERS_BY_IMAGE, _LAYERS_BY_IMAGE) if with_gradients else ())
   return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                        check_vma=False)(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_target: jax.Array,
-                 matched: jax.Array, rng: jax.Array, candidates: Optional[Points],
-                 loss_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh]
-                 ) -> Tuple[jax.Array, jax.Array]:
+                 matched: jax.Array, image_index: jax.Array, rng: jax.Array,
+                 candidates: Optional[Points], loss_cfg: ml_collections.ConfigDict,
+                 mesh: Optional[Mesh]) -> Tuple[jax.Array, jax.Array]:
   """Sums of BCE and dice over the matched pairs of every prediction.
 
   The gradient with respect to `mask_logits` is computed in the forward pass, while each slot
@@ -202,6 +216,7 @@ def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_targe
     segment_ids: int [B, S, H, W].
     query_for_target: int [L, B, M].
     matched: bool [L, B, M].
+    image_index: int [B], each image's index in the batch (its points' keys are folded with it).
     rng: key of the drawn points (unused when `candidates` is given).
     candidates: None, or injected 'oversampled' [L, B, M, P_over, 2], 'fresh' [L, B, M, *, 2].
     loss_cfg: cfg.loss.
@@ -210,21 +225,21 @@ def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_targe
   Returns:
     (bce, dice) float32 [L], summed over the matched pairs of each prediction.
   """
-  return _sharded_mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, rng,
-                                 candidates, loss_cfg, mesh, with_gradients=False)[0]
+  return _sharded_mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, image_index,
+                                 rng, candidates, loss_cfg, mesh, with_gradients=False)[0]
 
 
-def _mask_losses_forward(mask_logits, segment_ids, query_for_target, matched, rng, candidates,
-                         loss_cfg, mesh):
-  return _sharded_mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, rng,
-                                 candidates, loss_cfg, mesh, with_gradients=True)
+def _mask_losses_forward(mask_logits, segment_ids, query_for_target, matched, image_index, rng,
+                         candidates, loss_cfg, mesh):
+  return _sharded_mask_loss_sums(mask_logits, segment_ids, query_for_target, matched, image_index,
+                                 rng, candidates, loss_cfg, mesh, with_gradients=True)
 
 
 def _mask_losses_backward(loss_cfg, mesh, gradients, cotangents):
   del loss_cfg, mesh
   d_bce, d_dice = gradients
   ct_bce, ct_dice = (c[:, None, None, None, None] for c in cotangents)
-  return (ct_bce * d_bce + ct_dice * d_dice, None, None, None, None, None)
+  return (ct_bce * d_bce + ct_dice * d_dice, None, None, None, None, None, None)
 
 
 _mask_losses.defvjp(_mask_losses_forward, _mask_losses_backward)
@@ -308,7 +323,9 @@ def _check_inputs(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.A
 
 def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                      rng: jax.Array, loss_cfg: ml_collections.ConfigDict, num_classes: int,
-                     points: Optional[Points] = None, mesh: Optional[Mesh] = None
+                     points: Optional[Points] = None, mesh: Optional[Mesh] = None,
+                     image_index: Optional[jax.Array] = None,
+                     whole_batch_labels: Optional[jax.Array] = None
                      ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """The authors' Mask2Former criterion over all L predictions.
 
@@ -322,6 +339,11 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
     points: optional injected points with a leading L axis (see `Points`).
     mesh: the mesh whose data axis shards the batch (train steps); each device then runs the mask
       losses over its own images' targets. None: one device's view of the whole batch.
+    image_index: int [B], each image's index in the whole batch (default 0..B-1); the keys of its
+      random points are folded with it, so a micro-batch draws its images' whole-batch points.
+    whole_batch_labels: int [B_whole, M], the labels of the whole batch when `batch` is a
+      micro-batch of it (default: batch['labels']); the terms are normalised by its counts (real
+      targets, class weights), so the micro-batches' terms add up to the whole batch's.
 
   Returns:
     total float32 [] and {'loss_ce_{l}', 'loss_mask_{l}', 'loss_dice_{l}': float32 []} (weighted).
@@ -331,13 +353,19 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
   labels = jnp.asarray(batch["labels"]).astype(jnp.int32)
   segment_ids = jnp.asarray(batch["segment_ids"]).astype(jnp.int32)
   _check_inputs(class_logits, mask_logits, labels, segment_ids, loss_cfg, num_classes)
-  num_layers, batch_size = class_logits.shape[:2]
+  num_layers, batch_size, num_queries = class_logits.shape[:3]
+  image_index = (jnp.arange(batch_size, dtype=jnp.int32) if image_index is None
+                 else jnp.asarray(image_index).astype(jnp.int32))
+  whole_labels = labels if whole_batch_labels is None else jnp.asarray(whole_batch_labels)
   # Under jit over global arrays this is the global count: per-device losses divided by it and
   # summed over devices equal the authors' all-reduced average of per-device losses.
-  num_masks = jnp.maximum(jnp.sum(labels >= 0).astype(jnp.float32), 1.0)
+  num_masks = jnp.maximum(jnp.sum(whole_labels >= 0).astype(jnp.float32), 1.0)
+  weight_total = class_weight_total(whole_labels, num_queries, loss_cfg.no_object_weight)
   match_key, pair_key = jax.random.split(rng)
   if points is None:
-    matcher_points = jax.random.uniform(match_key, (num_layers, batch_size, loss_cfg.num_points, 2))
+    draw = lambda i: jax.random.uniform(jax.random.fold_in(match_key, i),
+                                        (num_layers, loss_cfg.num_points, 2))
+    matcher_points = jax.vmap(draw, out_axes=1)(image_index)  # [L, B, P, 2]
     candidates = None
   else:
     matcher_points = points["matcher"]
@@ -351,10 +379,10 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
       jax.lax.stop_gradient({"class_logits": class_logits, "mask_logits": mask_logits}),
       {"labels": labels, "segment_ids": segment_ids}, matcher_points)
   loss_ce = jax.vmap(lambda cls, rows, ok: _class_loss(cls, labels, rows, ok,
-                                                       loss_cfg.no_object_weight))(
+                                                       loss_cfg.no_object_weight, weight_total))(
       class_logits, query_for_target, matched)
-  bce, dice = _mask_losses(mask_logits, segment_ids, query_for_target, matched, pair_key,
-                           candidates, loss_cfg, mesh)
+  bce, dice = _mask_losses(mask_logits, segment_ids, query_for_target, matched, image_index,
+                           pair_key, candidates, loss_cfg, mesh)
   loss_ce = loss_cfg.class_weight * loss_ce
   loss_mask = loss_cfg.mask_weight * bce / num_masks
   loss_dice = loss_cfg.dice_weight * dice / num_masks

@@ -18,11 +18,13 @@ def _require(cfg: ml_collections.ConfigDict, keys) -> None:
                      "start from configs.base.resnet_backbone() or swin_backbone()")
 
 
-def build_backbone(backbone_cfg: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.Module:
+def build_backbone(backbone_cfg: ml_collections.ConfigDict, dtype: Any = jnp.float32,
+                   remat: bool = False) -> nn.Module:
   """Returns an unbound ResNet or Swin module; both map normalised images [B, H, W, 3] to
   {'res2', 'res3', 'res4', 'res5'} feature maps at strides 4, 8, 16, 32 ([B, h, w, C]).
 
-  `dtype` (a dtype or its name, e.g. cfg.model.dtype) is the compute dtype.
+  `dtype` (a dtype or its name, e.g. cfg.model.dtype) is the compute dtype; `remat`
+  rematerialises each block (model.remat).
   """
   try:
     dtype = jnp.dtype(dtype)
@@ -41,7 +43,7 @@ def build_backbone(backbone_cfg: ml_collections.ConfigDict, dtype: Any = jnp.flo
       raise ValueError(f"model.backbone.norm must be one of {NORMS}, got {backbone_cfg.norm!r}")
     return ResNet(stage_blocks=blocks, stem_width=int(backbone_cfg.stem_width),
                   base_width=int(backbone_cfg.base_width), norm=backbone_cfg.norm,
-                  norm_eps=float(backbone_cfg.norm_eps), dtype=dtype)
+                  norm_eps=float(backbone_cfg.norm_eps), dtype=dtype, remat=remat)
   if name == "swin":
     _require(backbone_cfg, ("embed_dim", "depths", "num_heads", "window_size", "patch_size",
                             "mlp_ratio", "drop_path_rate"))
@@ -55,5 +57,5 @@ def build_backbone(backbone_cfg: ml_collections.ConfigDict, dtype: Any = jnp.flo
                 num_heads=tuple(int(h) for h in backbone_cfg.num_heads),
                 window_size=int(backbone_cfg.window_size), patch_size=int(backbone_cfg.patch_size),
                 mlp_ratio=float(backbone_cfg.mlp_ratio),
-                drop_path_rate=float(backbone_cfg.drop_path_rate), dtype=dtype)
+                drop_path_rate=float(backbone_cfg.drop_path_rate), dtype=dtype, remat=remat)
   raise ValueError(f"model.backbone.name must be one of {BACKBONES}, got {name!r}")

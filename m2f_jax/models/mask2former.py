@@ -11,6 +11,8 @@ from m2f_jax.models.transformer_decoder import MaskedAttentionDecoder
 
 SIZE_DIVISOR = 32  # the backbone's coarsest stride
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.remat: the stages whose blocks are rematerialised ('none', 'all' or a comma-separated list)
+REMAT_STAGES = ("backbone", "pixel_decoder", "decoder")
 
 
 class Mask2Former(nn.Module):
@@ -73,6 +75,19 @@ def _positive_ints(section: ml_collections.ConfigDict, where: str, keys: Sequenc
       raise ValueError(f"{where}.{key} must be a positive integer, got {value!r}")
 
 
+def remat_stages(value: Any) -> frozenset:
+  """The stages named by model.remat: 'none', 'all' or a comma-separated list of REMAT_STAGES."""
+  if value == "none":
+    return frozenset()
+  if value == "all":
+    return frozenset(REMAT_STAGES)
+  names = [name.strip() for name in value.split(",")] if isinstance(value, str) else []
+  if not names or not set(names) <= set(REMAT_STAGES):
+    raise ValueError(f"model.remat must be 'none', 'all' or a comma-separated list of "
+                     f"{', '.join(REMAT_STAGES)}; got {value!r}")
+  return frozenset(names)
+
+
 def validate_model_config(model_cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad value of cfg.model (the backbone checks its own)."""
   for key in ("backbone", "pixel_decoder", "decoder", "num_classes", "pixel_mean", "pixel_std", "dtype"):
@@ -87,6 +102,7 @@ def validate_model_config(model_cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"model.{key} must hold 3 RGB values, got {value}")
   if min(model_cfg.pixel_std) <= 0:
     raise ValueError(f"model.pixel_std must be positive, got {tuple(model_cfg.pixel_std)}")
+  remat_stages(model_cfg.get("remat", "none"))  # configs written before model.remat: 'none'
 
   pix = model_cfg.pixel_decoder
   _positive_ints(pix, "model.pixel_decoder",
@@ -110,17 +126,18 @@ def build_model(cfg: ml_collections.ConfigDict) -> Mask2Former:
   model_cfg = cfg.model
   validate_model_config(model_cfg)
   dtype = DTYPES[model_cfg.dtype]
+  remat = remat_stages(model_cfg.get("remat", "none"))
   pix, dec = model_cfg.pixel_decoder, model_cfg.decoder
   return Mask2Former(
-      backbone=build_backbone(model_cfg.backbone, dtype),
+      backbone=build_backbone(model_cfg.backbone, dtype, remat="backbone" in remat),
       pixel_decoder=PixelDecoder(
           conv_dim=pix.conv_dim, mask_dim=pix.mask_dim, num_layers=pix.num_layers,
           num_heads=pix.num_heads, num_points=pix.num_points, ffn_dim=pix.ffn_dim,
-          num_groups=pix.num_groups),
+          num_groups=pix.num_groups, remat="pixel_decoder" in remat),
       decoder=MaskedAttentionDecoder(
           num_classes=model_cfg.num_classes, num_queries=dec.num_queries, hidden_dim=dec.hidden_dim,
           num_heads=dec.num_heads, ffn_dim=dec.ffn_dim, num_layers=dec.num_layers,
-          mask_dim=pix.mask_dim, dtype=dtype),
+          mask_dim=pix.mask_dim, dtype=dtype, remat="decoder" in remat),
       pixel_mean=tuple(float(v) for v in model_cfg.pixel_mean),
       pixel_std=tuple(float(v) for v in model_cfg.pixel_std),
       dtype=dtype)

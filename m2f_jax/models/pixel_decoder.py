@@ -87,6 +87,19 @@ def check_widths(conv_dim: int, num_heads: int, num_groups: int, name: str = "pi
     raise ValueError(f"{name}={conv_dim} must be even and divisible by num_heads={num_heads}")
 
 
+def _fpn_step(decoder: "PixelDecoder", res2: jnp.ndarray, finest: jnp.ndarray) -> jnp.ndarray:
+  """The FPN step in `decoder`'s scope: res2 [B, H/4, W/4, C_in] and the encoder's 1/8 map
+  [B, H/8, W/8, conv_dim] -> mask_features float32 [B, H/4, W/4, mask_dim]."""
+  lateral = nn.Conv(decoder.conv_dim, (1, 1), use_bias=False, kernel_init=c2_xavier_init,
+                    name="adapter_1")(res2.astype(jnp.float32))
+  lateral = _group_norm(decoder.num_groups, "adapter_1_norm")(lateral)
+  y = lateral + resize_bilinear(finest, lateral.shape[1], lateral.shape[2])
+  y = nn.Conv(decoder.conv_dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+              kernel_init=c2_xavier_init, name="layer_1")(y)
+  y = nn.relu(_group_norm(decoder.num_groups, "layer_1_norm")(y))
+  return nn.Conv(decoder.mask_dim, (1, 1), kernel_init=c2_xavier_init, name="mask_features")(y)
+
+
 class PixelDecoder(nn.Module):
   """MSDeformAttn pixel decoder.
 
@@ -98,6 +111,8 @@ class PixelDecoder(nn.Module):
     num_points: sampling points per head and level.
     ffn_dim: encoder FFN width.
     num_groups: GroupNorm groups.
+    remat: rematerialise each encoder layer and the FPN step (jax.checkpoint): the backward pass
+      recomputes their activations from their inputs. Same parameters, same numbers.
   """
   conv_dim: int = 256
   mask_dim: int = 256
@@ -106,6 +121,7 @@ class PixelDecoder(nn.Module):
   num_points: int = 4
   ffn_dim: int = 1024
   num_groups: int = 32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, features: Dict[str, jnp.ndarray]) -> Tuple[jnp.ndarray, List[jnp.ndarray]]:
@@ -140,24 +156,18 @@ class PixelDecoder(nn.Module):
     reference = encoder_reference_points(spatial_shapes)  # [S, 2]
     reference = jnp.broadcast_to(reference[None, :, None, :], (batch, reference.shape[0], levels, 2))
 
+    layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
     for i in range(self.num_layers):
-      src = EncoderLayer(self.conv_dim, levels, self.num_heads, self.num_points, self.ffn_dim,
-                         name=f"encoder_layer_{i}")(src, pos, reference, spatial_shapes)
+      src = layer(self.conv_dim, levels, self.num_heads, self.num_points, self.ffn_dim,
+                  name=f"encoder_layer_{i}")(src, pos, reference, spatial_shapes)
 
     multi_scale, start = [], 0
     for height, width in spatial_shapes:
       multi_scale.append(src[:, start:start + height * width].reshape(batch, height, width, self.conv_dim))
       start += height * width
 
-    lateral = features[FPN_FEATURE].astype(jnp.float32)
-    lateral = nn.Conv(self.conv_dim, (1, 1), use_bias=False, kernel_init=c2_xavier_init, name="adapter_1")(lateral)
-    lateral = _group_norm(self.num_groups, "adapter_1_norm")(lateral)
-    y = lateral + resize_bilinear(multi_scale[-1], lateral.shape[1], lateral.shape[2])
-    y = nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=c2_xavier_init,
-                name="layer_1")(y)
-    y = nn.relu(_group_norm(self.num_groups, "layer_1_norm")(y))
-    mask_features = nn.Conv(self.mask_dim, (1, 1), kernel_init=c2_xavier_init, name="mask_features")(y)
-    return mask_features, multi_scale
+    fpn = nn.remat(_fpn_step) if self.remat else _fpn_step
+    return fpn(self, features[FPN_FEATURE], multi_scale[-1]), multi_scale
 
   def _check(self, features: Dict[str, jnp.ndarray]) -> None:
     """Raises ValueError on missing or ill-shaped backbone features or a bad width."""

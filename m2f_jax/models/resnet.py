@@ -130,20 +130,23 @@ class Bottleneck(nn.Module):
 
 
 class ResStage(nn.Module):
-  """`num_blocks` bottlenecks; the first one strides and projects its shortcut."""
+  """`num_blocks` bottlenecks; the first one strides and projects its shortcut. With `remat`
+  each block keeps only its input for the backward pass and recomputes the rest there."""
   num_blocks: int
   width: int
   stride: int
   norm: str = "frozen_bn"
   norm_eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     """[B, H, W, Cin] -> [B, H / stride, W / stride, 4 * width]."""
+    block = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     for i in range(self.num_blocks):
-      x = Bottleneck(self.width, self.stride if i == 0 else 1, project=(i == 0), norm=self.norm,
-                     norm_eps=self.norm_eps, dtype=self.dtype, name=f"block{i}")(x, train)
+      x = block(self.width, self.stride if i == 0 else 1, project=(i == 0), norm=self.norm,
+                norm_eps=self.norm_eps, dtype=self.dtype, name=f"block{i}")(x, train)
     return x
 
 
@@ -173,6 +176,8 @@ class ResNet(nn.Module):
     norm: 'frozen_bn' or 'sync_bn'.
     norm_eps: BatchNorm epsilon.
     dtype: compute dtype; parameters and statistics stay float32.
+    remat: rematerialise the stem and each bottleneck (jax.checkpoint): the backward pass
+      recomputes their activations from their inputs. Same parameters, same numbers.
   """
   stage_blocks: Sequence[int]
   stem_width: int = 64
@@ -180,6 +185,7 @@ class ResNet(nn.Module):
   norm: str = "frozen_bn"
   norm_eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> dict:
@@ -189,10 +195,12 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet norm must be one of {NORMS}, got {self.norm!r}")
     if len(self.stage_blocks) != 4 or min(self.stage_blocks) < 1:
       raise ValueError(f"ResNet stage_blocks must be 4 positive counts, got {tuple(self.stage_blocks)}")
-    x = Stem(self.stem_width, self.norm, self.norm_eps, self.dtype, name="stem")(x, train)
+    stem = nn.remat(Stem, static_argnums=(2,)) if self.remat else Stem
+    x = stem(self.stem_width, self.norm, self.norm_eps, self.dtype, name="stem")(x, train)
     features = {}
     for i, num_blocks in enumerate(self.stage_blocks):
       x = ResStage(num_blocks, self.base_width * 2**i, stride=1 if i == 0 else 2, norm=self.norm,
-                   norm_eps=self.norm_eps, dtype=self.dtype, name=f"res{i + 2}")(x, train)
+                   norm_eps=self.norm_eps, dtype=self.dtype, remat=self.remat,
+                   name=f"res{i + 2}")(x, train)
       features[f"res{i + 2}"] = x
     return features

@@ -240,6 +240,7 @@ class SwinStage(nn.Module):
     drop_path_rates: one stochastic-depth rate per block.
     downsample: whether a PatchMerging follows.
     dtype: compute dtype.
+    remat: rematerialise each block (jax.checkpoint; its drop-path draws repeat exactly).
   """
   depth: int
   num_heads: int
@@ -248,14 +249,16 @@ class SwinStage(nn.Module):
   drop_path_rates: Sequence[float]
   downsample: bool
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool):
     """[B, H, W, C] -> (stage output [B, H, W, C], next stage input [B, H/2, W/2, 2C] or the same)."""
+    block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
     for j in range(self.depth):
-      x = SwinBlock(self.num_heads, self.window_size, shift=0 if j % 2 == 0 else self.window_size // 2,
-                    mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rates[j],
-                    dtype=self.dtype, name=f"block{j}")(x, train)
+      x = block(self.num_heads, self.window_size, shift=0 if j % 2 == 0 else self.window_size // 2,
+                mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rates[j],
+                dtype=self.dtype, name=f"block{j}")(x, train)
     if not self.downsample:
       return x, x
     return x, PatchMerging(self.dtype, name="downsample")(x)
@@ -273,6 +276,8 @@ class Swin(nn.Module):
     mlp_ratio: MLP hidden width over the channels.
     drop_path_rate: stochastic depth of the last block; rises linearly from 0 over all blocks.
     dtype: compute dtype; parameters stay float32.
+    remat: rematerialise each block (jax.checkpoint): the backward pass recomputes its
+      activations from its input. Same parameters, same numbers.
   """
   embed_dim: int
   depths: Sequence[int]
@@ -282,6 +287,7 @@ class Swin(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.3
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> dict:
@@ -301,7 +307,7 @@ class Swin(nn.Module):
       first = sum(self.depths[:i])
       stage = SwinStage(depth, heads, self.window_size, self.mlp_ratio,
                         tuple(float(r) for r in rates[first:first + depth]),
-                        downsample=i < 3, dtype=self.dtype, name=f"layer{i}")
+                        downsample=i < 3, dtype=self.dtype, remat=self.remat, name=f"layer{i}")
       out, x = stage(x, train)
       features[f"res{i + 2}"] = _layer_norm(self.dtype, f"norm{i}")(out)
     return features

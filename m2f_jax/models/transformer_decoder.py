@@ -164,6 +164,8 @@ class MaskedAttentionDecoder(nn.Module):
     num_layers: decoder layers; num_layers + 1 predictions.
     mask_dim: channels of mask_features.
     dtype: compute dtype.
+    remat: rematerialise each layer (jax.checkpoint): the backward pass recomputes its
+      activations (the attention weights among them) from its inputs. Same parameters and numbers.
   """
   num_classes: int
   num_queries: int
@@ -173,6 +175,7 @@ class MaskedAttentionDecoder(nn.Module):
   num_layers: int
   mask_dim: int
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, multi_scale: Sequence[jnp.ndarray], mask_features: jnp.ndarray
@@ -218,12 +221,13 @@ class MaskedAttentionDecoder(nn.Module):
     predict_masks = lambda e: masks_from_embeddings(jax.lax.stop_gradient(e), features_no_grad)
     class_logits, embedding = head(queries)
     all_classes, all_embeddings, all_masks = [class_logits], [embedding], [predict_masks(embedding)]
+    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
     for i in range(self.num_layers):
       level = i % NUM_LEVELS
       blocked = self.attention_blocked(all_masks[-1], level_hw[level])
-      queries = DecoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype,
-                             name=f"layers_{i}")(queries, query_pos, memories[level],
-                                                 memory_pos[level], blocked)
+      queries = layer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype,
+                      name=f"layers_{i}")(queries, query_pos, memories[level], memory_pos[level],
+                                          blocked)
       class_logits, embedding = head(queries)
       all_classes.append(class_logits)
       all_embeddings.append(embedding)

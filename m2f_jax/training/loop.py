@@ -179,6 +179,8 @@ def _train_in_locked_workdir(cfg, workdir, *, model, loss_fn, make_iterator):
   """`train` once the workdir is locked: nothing is written there before the state is ready."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(cfg.batch_size, mesh)
+  step_lib.check_grad_accum_steps(cfg.batch_size, cfg.get("grad_accum_steps", 1),
+                                  mesh.devices.size)
   if model is None:
     from m2f_jax.models import build_model  # pylint: disable=g-import-not-at-top
     model = build_model(cfg)
@@ -197,14 +199,16 @@ def _train_in_locked_workdir(cfg, workdir, *, model, loss_fn, make_iterator):
     workdir_lib.write_config(cfg, workdir)
   step = int(jax.device_get(state.step))
   if is_chief:
-    devices = mesh.devices.size
+    devices, micro = mesh.devices.size, cfg.get("grad_accum_steps", 1)
+    accumulation = f", in {micro} micro-batches" if micro > 1 else ""
     print(f"m2f_jax: {state_lib.num_params(state.params):,} parameters; {devices} "
           f"{jax.devices()[0].platform} devices, {jax.process_count()} processes; global batch "
-          f"{cfg.batch_size} ({cfg.batch_size // devices} per device); step {step} of "
-          f"{cfg.total_steps}; checkpoints every {cfg.checkpoint_every} steps in {ckpt.directory}",
+          f"{cfg.batch_size} ({cfg.batch_size // devices} per device{accumulation}); step {step} "
+          f"of {cfg.total_steps}; checkpoints every {cfg.checkpoint_every} steps in {ckpt.directory}",
           flush=True)
 
-  train_step = step_lib.make_train_step(model, loss_fn, tx, schedule, mesh, step_key)
+  train_step = step_lib.make_train_step(model, loss_fn, tx, schedule, mesh, step_key,
+                                       grad_accum_steps=cfg.get("grad_accum_steps", 1))
   evaluator = periodic_eval.PeriodicEvaluator(cfg, model, mesh, workdir)
   evaluator.resume(step)
   if evaluator.due(step):  # killed after this step's checkpoint, before its evaluation finished

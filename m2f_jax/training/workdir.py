@@ -7,8 +7,11 @@ removed again when the run ends, however it ends.
 What may change on resume (`RESUMABLE_KEYS`): how long and how often (total_steps, log_every,
 checkpoint_every, keep_checkpoints, eval_every, stop_check_every), where the data lie and how fast
 they are read (data.data_dir, data.manual_dir, data.num_parallel_calls, data.prefetch), everything
-under eval.* (evaluation does not touch the train state) and init_from / model.backbone.init_from
-(ignored once a checkpoint exists).
+under eval.* (evaluation does not touch the train state), init_from / model.backbone.init_from
+(ignored once a checkpoint exists), and the memory levers model.remat (the same numbers) and
+grad_accum_steps (the same update up to float rounding with frozen BN and no drop path; with sync
+BN the statistics, with drop path its draws come per micro-batch: see training/step.py), so that
+a run may resume on fewer or smaller devices.
 Every other key (model, loss, optimizer, augmentation, batch size, seed, ...) shapes the trained
 state or the data order, so a different value is refused. Keys present on only one side (a key
 that a newer version of the code added or removed) are not differences.
@@ -33,6 +36,7 @@ RESUMABLE_KEYS = frozenset((
     "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "init_from",
     "model.backbone.init_from", "eval_every", "stop_check_every",
     "data.data_dir", "data.manual_dir", "data.num_parallel_calls", "data.prefetch",
+    "model.remat", "grad_accum_steps",
 ))
 RESUMABLE_PREFIXES = ("eval.",)
 
