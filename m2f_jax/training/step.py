@@ -137,13 +137,13 @@ def make_train_step(model: Any, loss_fn: LossFn, tx: optax.GradientTransformatio
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply_update():
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), batch_stats, opt_state
-
-    # A branch, not a select per leaf: ~1,600 elementwise selects cost 0.1 s a Swin-T step on CPU.
-    params, batch_stats, opt_state = jax.lax.cond(
-        ok, apply_update, lambda: (state.params, state.batch_stats, state.opt_state))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updated = (optax.apply_updates(state.params, updates), batch_stats, opt_state)
+    # A select per leaf, which fuses into the update's elementwise work on GPU and TPU (a
+    # lax.cond is a separate region there; XLA:GPU reads its predicate back to the host).
+    params, batch_stats, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(ok, new, old), updated,
+        (state.params, state.batch_stats, state.opt_state))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
