@@ -9,6 +9,7 @@ import sys
 
 import jax
 import pytest
+from absl import flags
 
 from m2f_jax.tools import plan
 
@@ -123,3 +124,10 @@ def test_out_of_memory_compile_is_reported_with_the_compilers_message():
   assert plan.failures(report) == [
       "the train program does not fit v5e:2x2: the compiler ran out of memory (RESOURCE_EXHAUSTED: "
       "Ran out of memory in memory space hbm. Used 18.4G of 15.75G hbm.)"]
+
+
+def test_planner_imports_beside_the_other_tools():
+  """The planner's flags are defined only when it runs as a program, so importing it beside the
+  tools whose absl flags share its names (convert's --config) defines nothing twice."""
+  import m2f_jax.tools.convert  # pylint: disable=g-import-not-at-top,unused-import
+  assert "topology" not in flags.FLAGS and callable(plan.define_flags)

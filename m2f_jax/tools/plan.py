@@ -65,19 +65,6 @@ LOWER_BOUND_NOTE = ("XLA counts the body of each while loop (scan, the Hungarian
                     "FLOPs and bytes accessed are lower bounds")
 PROGRAMS = ("train", "eval")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, f"Target: {TOPOLOGY_FORMS}.")
-_PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", 2, "Training images per chip; the global "
-                                       "batch is this times the chips (overrides cfg.batch_size).")
-_EVAL_PER_CHIP_BATCH = flags.DEFINE_integer(
-    "eval_per_chip_batch", None, "Evaluation images per chip (default: cfg.eval.batch_size / "
-    "chips, rounded up, at least 1).")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per chip in GiB (default: the chip's HBM: "
-                              + ", ".join(f"{k} {v}" for k, v in HBM_GIB.items()) + ").")
-_JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
-_PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile: train, eval.")
-
 
 def chip_family(topology: str) -> Optional[str]:
   """'v4', 'v5e', 'v5p', 'v6e', or None for 'cpu'; a ValueError listing the accepted forms else."""
@@ -304,6 +291,23 @@ def failures(report: dict) -> list[str]:
   return out
 
 
+def define_flags() -> None:
+  """The command line's flags. Defined when the tool runs as a program, not on import: the planner's
+  functions are used beside other tools whose absl flags share names (--config)."""
+  config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/synthetic.py.",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None, f"Target: {TOPOLOGY_FORMS}.")
+  flags.DEFINE_integer("per_chip_batch", 2, "Training images per chip; the global batch is this "
+                       "times the chips (overrides cfg.batch_size).")
+  flags.DEFINE_integer("eval_per_chip_batch", None, "Evaluation images per chip (default: "
+                       "cfg.eval.batch_size / chips, rounded up, at least 1).")
+  flags.DEFINE_float("hbm_gib", None, "Memory per chip in GiB (default: the chip's HBM: "
+                     + ", ".join(f"{k} {v}" for k, v in HBM_GIB.items()) + ").")
+  flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
+  flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile: train, eval.")
+  flags.mark_flags_as_required(["config", "topology"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -311,20 +315,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     quiet_logs.quiet_third_party_logs()
   jax.config.update("jax_platforms", "cpu")  # TPU programs only compile here; nothing runs
-  cfg = _CONFIG.value
+  args = flags.FLAGS
+  cfg = args.config
   try:
-    chip_family(_TOPOLOGY.value)  # before the config's data checks
+    chip_family(args.topology)  # before the config's data checks
     if cfg.data.name == "custom":  # its class count comes from the data set's files
       from m2f_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
       data.resolve_num_classes(cfg)
-    report, _ = plan(cfg, _TOPOLOGY.value, _PER_CHIP_BATCH.value, _EVAL_PER_CHIP_BATCH.value,
-                     _HBM_GIB.value, tuple(_PROGRAMS.value), log=lambda s: print(s, flush=True))
+    report, _ = plan(cfg, args.topology, args.per_chip_batch, args.eval_per_chip_batch,
+                     args.hbm_gib, tuple(args.programs), log=lambda s: print(s, flush=True))
   except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: a custom data set's files
     sys.exit(f"error: {e}")
   report["argv"] = sys.argv[1:]
   print(format_report(report), flush=True)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if args.json:
+    with open(args.json, "w") as f:
       json.dump(report, f, indent=2)
   problems = failures(report)
   if problems:
@@ -332,5 +337,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "topology"])
+  define_flags()
   app.run(main, flags_parser=command_line.parse_flags)
