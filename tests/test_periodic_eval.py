@@ -81,7 +81,7 @@ def test_history_equals_evaluating_each_checkpoint(straight):
                                  progress=False, predict=predict)
     expected = {"step": line["step"], **evaluator_lib.headline(summary)}
     assert json.dumps(expected) == json.dumps(line)  # NaN (no large objects) compares equal here
-  assert len({h["semantic/mACC"] for h in history}) == 3
+  assert len({h["semantic/mACC"] for h in history}) > 1  # best/ is a real choice
   best = max(history, key=lambda h: h["semantic/mACC"])
   with open(workdir / "best" / "metric.json") as f:
     assert json.load(f) == {"step": best["step"], "metric": "semantic/mACC",
