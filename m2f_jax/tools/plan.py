@@ -102,7 +102,8 @@ def _lower_train_step(cfg: ml_collections.ConfigDict, model: Any, mesh: Mesh, tx
   """train.py's step lowered for the abstract `state` and a batch of cfg.batch_size images."""
   step_key = jax.random.split(jax.random.key(cfg.seed))[1]  # as loop.train draws it
   train_step = step_lib.make_train_step(model, step_lib.default_loss_fn(cfg, mesh), tx, schedule,
-                                        mesh, step_key)
+                                        mesh, step_key,
+                                        grad_accum_steps=cfg.get("grad_accum_steps", 1))
   b, (h, w), d = cfg.batch_size, tuple(cfg.data.image_size), cfg.data
   batch = {"image": ((b, h, w, 3), jnp.uint8), "valid_hw": ((b, 2), jnp.int32),
            "labels": ((b, d.max_targets), jnp.int32),
