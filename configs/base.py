@@ -85,6 +85,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # How the most uncertain oversampled points are kept: 'top_k' (lax.top_k; accelerators) or
       # 'bisection' (the same points, counted by bisection; several times faster on CPU).
       uncertain_selection="top_k",
+      # 'packed' (criterion.py: the matched pairs a pass at a time, gradients in the same pass) or
+      # 'reference' (reference_criterion.py: the authors' formulation, all pairs at once, autodiff;
+      # the same losses, more memory: docs/criterion.md).
+      criterion="packed",
   ))
 
   # ---------------------------------------------------------------- optimiser

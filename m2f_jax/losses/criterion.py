@@ -291,7 +291,7 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
   return assign(cost, jnp.broadcast_to(labels >= 0, cost.shape[:2] + labels.shape[1:]))
 
 
-def _check_inputs(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,
+def check_inputs(class_logits: jax.Array, mask_logits: jax.Array, labels: jax.Array,
                   segment_ids: jax.Array, loss_cfg: ml_collections.ConfigDict,
                   num_classes: int) -> None:
   """Raises ValueError on shapes or settings that cannot go together."""
@@ -352,7 +352,7 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
   mask_logits = jnp.asarray(outputs["mask_logits"]).astype(jnp.float32)
   labels = jnp.asarray(batch["labels"]).astype(jnp.int32)
   segment_ids = jnp.asarray(batch["segment_ids"]).astype(jnp.int32)
-  _check_inputs(class_logits, mask_logits, labels, segment_ids, loss_cfg, num_classes)
+  check_inputs(class_logits, mask_logits, labels, segment_ids, loss_cfg, num_classes)
   num_layers, batch_size, num_queries = class_logits.shape[:3]
   image_index = (jnp.arange(batch_size, dtype=jnp.int32) if image_index is None
                  else jnp.asarray(image_index).astype(jnp.int32))
@@ -383,13 +383,19 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
       class_logits, query_for_target, matched)
   bce, dice = _mask_losses(mask_logits, segment_ids, query_for_target, matched, image_index,
                            pair_key, candidates, loss_cfg, mesh)
+  return weighted_terms(loss_cfg, loss_ce, bce / num_masks, dice / num_masks)
+
+
+def weighted_terms(loss_cfg: ml_collections.ConfigDict, loss_ce: jax.Array, loss_mask: jax.Array,
+                   loss_dice: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The weighted total and the terms {'loss_ce_{l}', 'loss_mask_{l}', 'loss_dice_{l}'} of the
+  normalised per-prediction losses, each float32 [L]."""
   loss_ce = loss_cfg.class_weight * loss_ce
-  loss_mask = loss_cfg.mask_weight * bce / num_masks
-  loss_dice = loss_cfg.dice_weight * dice / num_masks
+  loss_mask = loss_cfg.mask_weight * loss_mask
+  loss_dice = loss_cfg.dice_weight * loss_dice
   terms = {}
-  for layer in range(num_layers):
+  for layer in range(loss_ce.shape[0]):
     terms[f"loss_ce_{layer}"] = loss_ce[layer]
     terms[f"loss_mask_{layer}"] = loss_mask[layer]
     terms[f"loss_dice_{layer}"] = loss_dice[layer]
-  total = jnp.sum(loss_ce) + jnp.sum(loss_mask) + jnp.sum(loss_dice)
-  return total, terms
+  return jnp.sum(loss_ce) + jnp.sum(loss_mask) + jnp.sum(loss_dice), terms

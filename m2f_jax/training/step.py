@@ -25,15 +25,21 @@ MODEL_INPUT_KEYS = ("image", "valid_hw", "labels", "segment_ids")
 
 
 def default_loss_fn(cfg: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
-  """The Mask2Former criterion with cfg.loss and cfg.model.num_classes, for batches sharded over
-  `mesh` (each device runs the mask losses over its own images' targets); a batch without
-  'image_index' and 'whole_batch_labels' is a whole batch."""
-  from m2f_jax.losses.criterion import mask2former_loss  # pylint: disable=g-import-not-at-top
+  """The Mask2Former criterion cfg.loss.criterion ('packed': `criterion.mask2former_loss`;
+  'reference': `reference_criterion.reference_loss`) with cfg.loss and cfg.model.num_classes, for
+  batches sharded over `mesh` (each device computes the losses of its own images); a batch
+  without 'image_index' and 'whole_batch_labels' is a whole batch."""
+  from m2f_jax.losses import criterion  # pylint: disable=g-import-not-at-top
+  from m2f_jax.losses import reference_criterion  # pylint: disable=g-import-not-at-top
+  criteria = {"packed": criterion.mask2former_loss, "reference": reference_criterion.reference_loss}
+  name = cfg.loss.get("criterion", "packed")
+  if name not in criteria:
+    raise ValueError(f"loss.criterion must be one of {tuple(criteria)}, got {name!r}")
 
   def loss_fn(outputs, batch, rng):
-    return mask2former_loss(outputs, batch, rng, cfg.loss, cfg.model.num_classes, mesh=mesh,
-                            image_index=batch.get("image_index"),
-                            whole_batch_labels=batch.get("whole_batch_labels"))
+    return criteria[name](outputs, batch, rng, cfg.loss, cfg.model.num_classes, mesh=mesh,
+                          image_index=batch.get("image_index"),
+                          whole_batch_labels=batch.get("whole_batch_labels"))
 
   return loss_fn
 
