@@ -39,9 +39,9 @@ def get_config():
   c.data.shuffle_buffer = 256
 
   c.eval.batch_size = 16
-  c.total_steps = 2000                          # `make demo` in under 10 minutes on 2 idle CPU cores
+  c.total_steps = 1000
   c.batch_size = 8
-  c.checkpoint_every = 500
+  c.checkpoint_every = 250
   c.log_every = 50
-  c.eval_every = 500
+  c.eval_every = 250
   return c

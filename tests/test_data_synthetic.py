@@ -1,4 +1,5 @@
 """Synthetic set: deterministic from the seed, consistent ground truths, batch contract, resume."""
+import colorsys
 import itertools
 
 import numpy as np
@@ -46,6 +47,24 @@ def test_scene_segments_match_index_map():
       assert s["area"] == (index_map == k + 1).sum() > 0
     stuff = [s["category_id"] for s in segments if s["category_id"] >= synthetic.NUM_THINGS]
     assert len(stuff) == len(set(stuff))   # one segment per stuff class
+
+
+def test_things_take_their_class_hues():
+  """Every thing's pixels average to a hue in its class's band (noise and brightness aside)."""
+  checked = 0
+  for i in range(20):
+    image, index_map, segments = synthetic.render_scene(np.random.default_rng([0, 0, i]), 96)
+    rgb = image.astype(np.float64) / 255.0
+    for k, s in enumerate(segments):
+      if s["category_id"] >= synthetic.NUM_THINGS:
+        continue
+      pixels = rgb[index_map == k + 1]
+      hue = np.array([colorsys.rgb_to_hsv(*p)[0] for p in pixels])
+      mean_hue = np.angle(np.mean(np.exp(2j * np.pi * hue))) / (2 * np.pi)
+      offset = (mean_hue - s["category_id"] / synthetic.NUM_THINGS + 0.5) % 1.0 - 0.5
+      assert abs(offset) < 0.09, (i, s)  # half band 0.06; bands are 0.2 apart
+      checked += 1
+  assert checked > 30
 
 
 def test_default_and_custom_settings_get_their_own_configs():

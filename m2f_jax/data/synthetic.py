@@ -1,11 +1,16 @@
 """A built-in synthetic panoptic data set, generated offline and deterministically from a seed.
 
 Scenes: two or three stuff regions (sky: smooth gradient; grass: fine stripes; brick: a brick
-wall) split by wavy boundaries, with 1 to 6 thing instances on top (disc, square, triangle, ring,
+wall) split by wavy boundaries, with 1 to 5 thing instances on top (disc, square, triangle, ring,
 cross) that vary in colour, size, rotation and texture (solid, stripes, checks) and occlude one
-another in drawing order. Stuff colours overlap between classes, so texture and shape, not colour,
-identify a class. Instances left with a small visible part are removed from the scene. Panoptic,
-instance and semantic ground truth all come from the same index map (the visible parts).
+another in drawing order. Each thing class has its own band of hues (as real classes have typical
+colours), at any saturation and brightness; stuff takes any colour, so neither colour alone
+separates things from stuff nor one stuff class from another: texture and shape do. Instances
+left with a small visible part are removed from the scene. Panoptic, instance and semantic ground
+truth all come from the same index map (the visible parts).
+
+Version 1.1.0 (hue bands, radius 10-24 px at 128 px, 1-5 things); 1.0.0 had random thing colours,
+radius 7-22 px and 1-6 things, which a model trained for `make demo` could not classify.
 """
 import dataclasses
 
@@ -18,6 +23,7 @@ from m2f_jax.data import info as info_lib
 NUM_THINGS = len(info_lib.SYNTHETIC_THINGS)
 _SKY, _GRASS, _BRICK = NUM_THINGS, NUM_THINGS + 1, NUM_THINGS + 2
 _MIN_VISIBLE_FRACTION = 0.35
+_HUE_BAND = 0.06  # half width of a thing class's hue band; bands are 1 / NUM_THINGS apart
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
@@ -26,8 +32,10 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
   return 255.0 * v * (1.0 - s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-  return _hsv_to_rgb(rng.uniform(), rng.uniform(0.4, 1.0), rng.uniform(0.45, 1.0))
+def _thing_colour(cls: int, rng: np.random.Generator) -> np.ndarray:
+  """A colour from thing class `cls`'s own band of hues, at any saturation and brightness."""
+  hue = (cls / NUM_THINGS + rng.uniform(-_HUE_BAND, _HUE_BAND)) % 1.0
+  return _hsv_to_rgb(hue, rng.uniform(0.4, 1.0), rng.uniform(0.45, 1.0))
 
 
 def _stuff_texture(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
@@ -70,7 +78,7 @@ def _stuff_map(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
 def _thing_mask(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
                 size: int) -> np.ndarray:
   """Boolean mask [H, W] of one randomly placed, sized and rotated thing of class `cls`."""
-  r = rng.uniform(7.0, 22.0) * size / 128
+  r = rng.uniform(10.0, 24.0) * size / 128
   cy, cx = rng.uniform(0, size), rng.uniform(0, size)
   angle = rng.uniform(0, 2 * np.pi)
   dy, dx = yy - cy, xx - cx
@@ -90,10 +98,10 @@ def _thing_mask(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarr
       (np.abs(u) <= 0.33 * r) & (np.abs(v) <= r))
 
 
-def _thing_texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
+def _thing_texture(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
                    size: int) -> np.ndarray:
   """Full-frame texture [H, W, 3] for one thing: solid, stripes or checks of two colours."""
-  first, second = _random_colour(rng), _random_colour(rng)
+  first, second = _thing_colour(cls, rng), _thing_colour(cls, rng)
   kind = rng.integers(3)
   if kind == 0:
     return np.broadcast_to(first, yy.shape + (3,))
@@ -122,9 +130,9 @@ def render_scene(rng: np.random.Generator, size: int):
     image = np.where((regions == k)[..., None], _stuff_texture(cls, rng, yy, xx, size), image)
   # Things in drawing order; later ones occlude earlier ones.
   things = []
-  for _ in range(rng.integers(1, 7)):
+  for _ in range(rng.integers(1, 6)):
     cls = int(rng.integers(NUM_THINGS))
-    things.append((cls, _thing_mask(cls, rng, yy, xx, size), _thing_texture(rng, yy, xx, size)))
+    things.append((cls, _thing_mask(cls, rng, yy, xx, size), _thing_texture(cls, rng, yy, xx, size)))
   owner = np.full((size, size), -1)
   for t, (_, mask, _) in enumerate(things):
     owner[mask] = t
@@ -171,14 +179,14 @@ def synthetic_config(train_size: int = 2000, validation_size: int = 200, image_s
     raise ValueError(f"cfg.data.synthetic.image_size must be at least 32, got {image_size}")
   return SyntheticConfig(
       name=f"seed{seed}_train{train_size}_val{validation_size}_{image_size}px",
-      version=tfds.core.Version("1.0.0"), train_size=int(train_size),
+      version=tfds.core.Version("1.1.0"), train_size=int(train_size),
       validation_size=int(validation_size), image_size=int(image_size), seed=int(seed))
 
 
 class M2fSynthetic(tfds.core.GeneratorBasedBuilder):
   """The built-in synthetic panoptic set (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   BUILDER_CONFIGS = [synthetic_config()]
 
   def _info(self) -> tfds.core.DatasetInfo:
