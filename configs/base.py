@@ -58,6 +58,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.pixel_decoder = ml_collections.ConfigDict(dict(
       conv_dim=256, mask_dim=256, num_layers=6, num_heads=8, num_points=4,
       ffn_dim=1024, num_groups=32,
+      # Compute dtype: 'float32' (the authors disable autocast in the pixel decoder) or 'bfloat16'
+      # (a memory lever: with model.dtype bfloat16 the whole model computes in bfloat16).
+      dtype="float32",
   ))
   # masked-attention transformer decoder
   c.model.decoder = ml_collections.ConfigDict(dict(

@@ -103,10 +103,12 @@ def test_parameter_counts(config_name):
   assert count == PARAM_COUNTS[config_name]
 
 
-def test_bfloat16_runs_with_float32_outputs(converted):
+@pytest.mark.parametrize("pixel_decoder_dtype", ["float32", "bfloat16"])
+def test_bfloat16_runs_with_float32_outputs(converted, pixel_decoder_dtype):
   torch_model, cfg, variables, _, apply = converted
   cfg = cfg.copy_and_resolve_references()
   cfg.model.dtype = "bfloat16"
+  cfg.model.pixel_decoder.dtype = pixel_decoder_dtype
   images = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
   out = jax.jit(build_model(cfg).apply)(variables, images)
   reference = apply(variables, images)
@@ -130,6 +132,7 @@ def test_rejects_images_not_multiple_of_32(converted):
     ("decoder.hidden_dim", 250, "hidden_dim"),
     ("decoder.num_queries", 0, "num_queries"),
     ("pixel_decoder.conv_dim", 250, "num_groups"),
+    ("pixel_decoder.dtype", "float16", "model.pixel_decoder.dtype"),
     ("pixel_std", (1.0, 0.0, 1.0), "pixel_std"),
 ])
 def test_build_model_rejects_bad_config(key, value, message):

@@ -80,6 +80,20 @@ def test_multi_scale_maps_match_transformers(outputs):
     _assert_close(got, expected, f"level {level}")
 
 
+def test_bfloat16_stays_close_to_float32(torch_decoder, features, outputs):
+  """dtype bfloat16: same parameters, bfloat16 maps within a few percent (RMS) of float32's."""
+  (mask_features, multi_scale), _ = outputs
+  module = PixelDecoder(conv_dim=WIDTH, mask_dim=WIDTH, num_layers=LAYERS, num_heads=HEADS,
+                        num_points=4, ffn_dim=2 * WIDTH, num_groups=32, dtype=jnp.bfloat16)
+  params = convert_hf_pixel_decoder(torch_reference.state_dict_numpy(torch_decoder))
+  got_mask, got_scales = jax.jit(module.apply)({"params": params}, features)
+  for got, expected in zip([got_mask] + got_scales, [mask_features] + multi_scale):
+    assert got.dtype == jnp.bfloat16
+    expected = np.asarray(expected)
+    error = np.linalg.norm(np.asarray(got, np.float32) - expected) / np.linalg.norm(expected)
+    assert error < 0.03, error
+
+
 def test_converted_tree_matches_init(init_params, torch_decoder):
   converted = convert_hf_pixel_decoder(torch_reference.state_dict_numpy(torch_decoder))
   init_shapes = jax.tree.map(np.shape, flax.core.unfreeze(init_params))

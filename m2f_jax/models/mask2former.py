@@ -24,7 +24,7 @@ class Mask2Former(nn.Module):
     decoder: MaskedAttentionDecoder.
     pixel_mean: RGB mean on the 0..255 scale.
     pixel_std: RGB std on the 0..255 scale.
-    dtype: compute dtype of the backbone and the decoder (the pixel decoder runs in float32).
+    dtype: compute dtype of the backbone and the decoder (the pixel decoder has its own).
   """
   backbone: nn.Module
   pixel_decoder: nn.Module
@@ -108,6 +108,9 @@ def validate_model_config(model_cfg: ml_collections.ConfigDict) -> None:
   _positive_ints(pix, "model.pixel_decoder",
                  ("conv_dim", "mask_dim", "num_layers", "num_heads", "num_points", "ffn_dim", "num_groups"))
   check_widths(pix.conv_dim, pix.num_heads, pix.num_groups, name="model.pixel_decoder.conv_dim")
+  if pix.get("dtype", "float32") not in DTYPES:  # configs written before it: 'float32'
+    raise ValueError(f"model.pixel_decoder.dtype must be one of {sorted(DTYPES)}, got "
+                     f"{pix.dtype!r}")
 
   dec = model_cfg.decoder
   _positive_ints(dec, "model.decoder", ("num_queries", "hidden_dim", "num_heads", "ffn_dim"))
@@ -133,7 +136,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> Mask2Former:
       pixel_decoder=PixelDecoder(
           conv_dim=pix.conv_dim, mask_dim=pix.mask_dim, num_layers=pix.num_layers,
           num_heads=pix.num_heads, num_points=pix.num_points, ffn_dim=pix.ffn_dim,
-          num_groups=pix.num_groups, remat="pixel_decoder" in remat),
+          num_groups=pix.num_groups, remat="pixel_decoder" in remat,
+          dtype=DTYPES[pix.get("dtype", "float32")]),
       decoder=MaskedAttentionDecoder(
           num_classes=model_cfg.num_classes, num_queries=dec.num_queries, hidden_dim=dec.hidden_dim,
           num_heads=dec.num_heads, ffn_dim=dec.ffn_dim, num_layers=dec.num_layers,

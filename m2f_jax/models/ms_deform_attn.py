@@ -5,8 +5,9 @@ head, L levels, P points per head and level. Sampling locations are (x, y) in [0
 level's map, bilinear with zero padding in the align_corners=False convention (pixel centres at
 +0.5): the authors' CUDA kernel and PyTorch's `grid_sample` behave this way.
 """
+import functools
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -33,28 +34,29 @@ def _checked_float32(value, spatial_shapes, sampling_locations, attention_weight
           attention_weights.astype(jnp.float32))
 
 
-def _bilinear_corners(locations: jnp.ndarray, height: int, width: int):
+def _bilinear_corners(x: jnp.ndarray, y: jnp.ndarray, height: int, width: int):
   """Corner indices and weights of bilinear sampling with zero padding.
 
   Args:
-    locations: [..., 2] (x, y) in [0, 1] of a [height, width] map.
+    x: [...] x in [0, 1] of a [height, width] map.
+    y: [...] y, the same shape.
     height: map height.
     width: map width.
 
   Returns:
-    flat_index int32 [..., 4] (y * width + x, clipped into the map) and weight float32 [..., 4]
+    flat_index int32 [4, ...] (y * width + x, clipped into the map) and weight float32 [4, ...]
     (bilinear weight, 0 for corners outside the map), corners ordered (y0,x0), (y0,x1), (y1,x0),
     (y1,x1).
   """
-  x = locations[..., 0] * width - 0.5
-  y = locations[..., 1] * height - 0.5
+  x = x * width - 0.5
+  y = y * height - 0.5
   x0 = jnp.floor(x)
   y0 = jnp.floor(y)
   fx = x - x0
   fy = y - y0
-  xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], axis=-1)
-  ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], axis=-1)
-  weight = jnp.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], axis=-1)
+  xs = jnp.stack([x0, x0 + 1, x0, x0 + 1])
+  ys = jnp.stack([y0, y0, y0 + 1, y0 + 1])
+  weight = jnp.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
   inside = (xs >= 0) & (xs <= width - 1) & (ys >= 0) & (ys <= height - 1)
   xi = jnp.clip(xs, 0, width - 1).astype(jnp.int32)
   yi = jnp.clip(ys, 0, height - 1).astype(jnp.int32)
@@ -86,92 +88,135 @@ def ms_deform_sample_reference(value: jnp.ndarray, spatial_shapes: SpatialShapes
     start += height * width
     locations = jnp.transpose(sampling_locations[:, :, :, level], (0, 2, 1, 3, 4))  # [B, M, Lq, P, 2]
     weights = jnp.transpose(attention_weights[:, :, :, level], (0, 2, 1, 3))  # [B, M, Lq, P]
-    index, corner_weight = _bilinear_corners(locations, height, width)  # [B, M, Lq, P, 4]
-    for corner in range(4):
-      idx = index[..., corner].reshape(b, heads, -1, 1)
+    index, corner_weight = _bilinear_corners(locations[..., 0], locations[..., 1], height, width)
+    for corner in range(4):  # index, corner_weight: [4, B, M, Lq, P]
+      idx = index[corner].reshape(b, heads, -1, 1)
       picked = jnp.take_along_axis(level_value, idx, axis=2).reshape(b, heads, lq, -1, dim)
-      w = corner_weight[..., corner] * weights  # [B, M, Lq, P]
+      w = corner_weight[corner] * weights  # [B, M, Lq, P]
       out = out + jnp.einsum("bmqpd,bmqp->bmqd", picked, w)
   return jnp.transpose(out, (0, 2, 1, 3)).reshape(b, lq, heads * dim)
 
 
 def ms_deform_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes,
                      sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray) -> jnp.ndarray:
+  """`ms_deform_sample_planar` with `ms_deform_sample_reference`'s contract (the same result)."""
+  value, sampling_locations, attention_weights = _checked_float32(
+      value, spatial_shapes, sampling_locations, attention_weights)
+  b, total, heads, dim = value.shape
+  return ms_deform_sample_planar(value.reshape(b, total, heads * dim), spatial_shapes,
+                                 jnp.transpose(sampling_locations, (0, 3, 4, 5, 2, 1)),
+                                 jnp.transpose(attention_weights, (0, 3, 4, 2, 1)))
+
+
+def ms_deform_sample_planar(value: jnp.ndarray, spatial_shapes: SpatialShapes,
+                            locations: jnp.ndarray, attention: jnp.ndarray) -> jnp.ndarray:
   """Deformable sampling as one weighted row gather over all corners, points and levels.
 
-  Same contract as `ms_deform_sample_reference`. Each image's values are viewed as an [S * M, D]
-  table; every (query, head, level, point, corner) becomes one row index and one weight (bilinear
-  weight x attention weight), so the op is a weighted sum of L * P * 4 gathered rows. The gather
-  is vmapped over the batch rather than flattened into one [B * S * M, D] table, so with the batch
-  sharded over devices each device gathers from its own images only (a flat table's rows could
-  point anywhere, and the partitioner would all-gather every image's values to every device).
+  Each image's values are viewed as an [S * M, D] table; every (level, point, corner) k and
+  (head, query) n = m * Lq + q becomes one row index and one weight (bilinear weight x attention
+  weight), so the op is a weighted sum of K = L * P * 4 gathered rows per n. Every per-sample
+  array has the queries minor ([..., M, Lq], indices and weights [B, K, M * Lq]): TPU tiles pad
+  the minor dimension to 128, and with the heads (8), points (4) or (x, y) (2) minor, the arrays
+  an R50 step keeps for its backward pass at 1024x1024 grew 16-64x. The gather is vmapped over
+  the batch rather than flattened into one table, so with the batch sharded over devices each
+  device gathers from its own images only.
+
+  Args:
+    value: [B, S, M * D], the heads' values side by side.
+    spatial_shapes: L static (h_l, w_l) pairs.
+    locations: [B, L, P, 2, M, Lq] (x, y) in [0, 1].
+    attention: [B, L, P, M, Lq].
 
   Returns:
     float32 [B, Lq, M * D].
   """
-  value, sampling_locations, attention_weights = _checked_float32(
-      value, spatial_shapes, sampling_locations, attention_weights)
-  b, total, heads, dim = value.shape
-  lq = sampling_locations.shape[1]
-  indices, weights = [], []
+  value, locations, attention = (x.astype(jnp.float32) for x in (value, locations, attention))
+  b, total, channels = value.shape
+  _, levels, points, _, heads, lq = locations.shape
+  dim = channels // heads
+  locations = locations.reshape(b, levels, points, 2, heads * lq)
+  attention = attention.reshape(b, levels, points, heads * lq)
+  rows, weights = [], []
   start = 0
   for level, (height, width) in enumerate(spatial_shapes):
-    index, corner_weight = _bilinear_corners(sampling_locations[:, :, :, level], height, width)
-    indices.append(index + start)  # [B, Lq, M, P, 4]
-    weights.append(corner_weight * attention_weights[:, :, :, level, :, None])
+    index, corner_weight = _bilinear_corners(locations[:, level, :, 0], locations[:, level, :, 1],
+                                             height, width)  # [4, B, P, M * Lq]
+    rows.append(index + start)  # position in the image's values
+    weights.append(corner_weight * attention[None, :, level])
     start += height * width
-  position = jnp.stack(indices, axis=3).reshape(b, lq, heads, -1)  # [B, Lq, M, K], K = L * P * 4
-  weight = jnp.stack(weights, axis=3).reshape(b, lq, heads, -1)
-  head_offset = jnp.arange(heads, dtype=jnp.int32)[None, None, :, None]
-  rows = position * heads + head_offset  # row of the image's value.reshape(S * M, D)
-  out = jax.vmap(_gather_weighted_sum)(value.reshape(b, total * heads, dim), rows, weight)
-  return out.reshape(b, lq, heads * dim)
+  by_sample = lambda parts: jnp.concatenate(parts, axis=0).swapaxes(0, 1).reshape(
+      b, levels * 4 * points, heads * lq)  # [B, K, M * Lq]
+  out = jax.vmap(_gather_weighted_sum, in_axes=(0, 0, 0, None))(
+      value, by_sample(rows), by_sample(weights), heads)
+  return jnp.swapaxes(out.reshape(b, heads, lq, dim), 1, 2).reshape(b, lq, heads * dim)
 
 
-def _by_sample(rows: jnp.ndarray, weight: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
-  """[..., K] -> [K, ...]: one scan step per sample."""
-  return jnp.moveaxis(rows, -1, 0), jnp.moveaxis(weight, -1, 0)
+_SLICES = dict(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0, 1))
+_SLICE_UPDATES = dict(update_window_dims=(1,), inserted_window_dims=(0,),
+                      scatter_dims_to_operand_dims=(0, 1))
+_IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
-def _weighted_rows(table: jnp.ndarray, rows: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
+def _head_columns(heads: int, dim: int, size: int) -> jnp.ndarray:
+  """int32 [size]: the first table column of head m for n = m * (size / heads) + q."""
+  return jnp.repeat(jnp.arange(heads, dtype=jnp.int32) * dim, size // heads)
+
+
+def _weighted_rows(table: jnp.ndarray, positions: jnp.ndarray, weight: jnp.ndarray,
+                   heads: int) -> jnp.ndarray:
+  dim = table.shape[1] // heads
+  columns = _head_columns(heads, dim, positions.shape[1])
+
   def add_sample(total, sample):
-    sample_rows, sample_weight = sample
-    return total + table.at[sample_rows].get(mode="promise_in_bounds") * sample_weight[..., None], None
+    sample_positions, sample_weight = sample
+    picked = jax.lax.gather(table, jnp.stack([sample_positions, columns], axis=-1),
+                            jax.lax.GatherDimensionNumbers(**_SLICES), (1, dim), mode=_IN_BOUNDS)
+    return total + picked * sample_weight[:, None], None
 
-  total = jnp.zeros(rows.shape[:-1] + table.shape[1:], table.dtype)
-  return jax.lax.scan(add_sample, total, _by_sample(rows, weight))[0]
+  total = jnp.zeros((positions.shape[1], dim), table.dtype)
+  return jax.lax.scan(add_sample, total, (positions, weight))[0]
 
 
-@jax.custom_vjp
-def _gather_weighted_sum(table: jnp.ndarray, rows: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
-  """sum_k weight[..., k] * table[rows[..., k]]: table [N, D], rows and weight [Lq, M, K] -> [Lq, M, D].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_weighted_sum(table: jnp.ndarray, positions: jnp.ndarray, weight: jnp.ndarray,
+                         heads: int) -> jnp.ndarray:
+  """sum_k weight[k, n] * table[positions[k, n], head m's D columns], n = m * Lq + q: table
+  [S, M * D], positions and weight [K, M * Lq] -> [M * Lq, D].
 
-  Forward and backward run one sample k at a time (a scan over K), so the [Lq, M, K, D]
-  samples (about 1 GB per 1024x1024 image and encoder layer) never exist; on CPU this is also
-  2-3x faster than one big gather. (jax.checkpoint cannot be relied on here: XLA:CPU merges the
+  Forward and backward run one sample k at a time (a scan over K), so the [K, N, D] samples
+  (about 1 GB per 1024x1024 image and encoder layer) never exist; on CPU this is also 2-3x faster
+  than one big gather. Each sample gathers [1, D] slices of the [S, M * D] table itself: a
+  [S * M, D] view of it would be what the backward pass keeps, and TPU tiles pad its D-wide
+  minor dimension to 128. (jax.checkpoint cannot be relied on here: XLA:CPU merges the
   recomputed gather with the forward one and keeps it alive.)
   """
-  return _weighted_rows(table, rows, weight)
+  return _weighted_rows(table, positions, weight, heads)
 
 
-def _gather_weighted_sum_fwd(table, rows, weight):
-  return _weighted_rows(table, rows, weight), (table, rows, weight)
+def _gather_weighted_sum_fwd(table, positions, weight, heads):
+  return _weighted_rows(table, positions, weight, heads), (table, positions, weight)
 
 
-def _gather_weighted_sum_bwd(residuals, grad):
-  """d table: scatter-add of weight * grad at the rows; d weight: <table[rows], grad>."""
-  table, rows, weight = residuals
+def _gather_weighted_sum_bwd(heads, residuals, grad):
+  """d table: scatter-add of weight * grad at the slices; d weight: <table slice, grad>."""
+  dim = residuals[0].shape[1] // heads
+  # The barrier keeps XLA from sharing index arrays with the forward pass, which would keep them
+  # (padded on TPU) alive from the forward pass to this one.
+  (table, positions, weight), columns = jax.lax.optimization_barrier(
+      (residuals, _head_columns(heads, dim, residuals[1].shape[1])))
 
   def sample_grads(grad_table, sample):
-    sample_rows, sample_weight = sample
-    picked = table.at[sample_rows].get(mode="promise_in_bounds")  # [Lq, M, D]
-    grad_table = grad_table.at[sample_rows].add(sample_weight[..., None] * grad,
-                                                mode="promise_in_bounds")
+    sample_positions, sample_weight = sample
+    starts = jnp.stack([sample_positions, columns], axis=-1)
+    picked = jax.lax.gather(table, starts, jax.lax.GatherDimensionNumbers(**_SLICES), (1, dim),
+                            mode=_IN_BOUNDS)  # [N, D]
+    grad_table = jax.lax.scatter_add(grad_table, starts, sample_weight[:, None] * grad,
+                                     jax.lax.ScatterDimensionNumbers(**_SLICE_UPDATES),
+                                     mode=_IN_BOUNDS)
     return grad_table, jnp.sum(picked * grad, axis=-1)
 
-  grad_table, grad_weight = jax.lax.scan(sample_grads, jnp.zeros_like(table),
-                                         _by_sample(rows, weight))
-  return grad_table, None, jnp.moveaxis(grad_weight, 0, -1)
+  grad_table, grad_weight = jax.lax.scan(sample_grads, jnp.zeros_like(table), (positions, weight))
+  return grad_table, None, grad_weight
 
 
 _gather_weighted_sum.defvjp(_gather_weighted_sum_fwd, _gather_weighted_sum_bwd)
@@ -199,13 +244,13 @@ class MSDeformAttn(nn.Module):
     n_levels: feature levels L.
     n_heads: heads M.
     n_points: sampling points P per head and level.
-    sample_fn: the sampling op (`ms_deform_sample` or `ms_deform_sample_reference`).
+    dtype: compute dtype of the projections; locations, softmax and sampling stay float32.
   """
   d_model: int = 256
   n_levels: int = 4
   n_heads: int = 8
   n_points: int = 4
-  sample_fn: Callable[..., jnp.ndarray] = ms_deform_sample
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, query: jnp.ndarray, reference_points: jnp.ndarray, value_input: jnp.ndarray,
@@ -219,7 +264,7 @@ class MSDeformAttn(nn.Module):
       spatial_shapes: L static (h_l, w_l) pairs.
 
     Returns:
-      float32 [B, Lq, C].
+      [B, Lq, C] in `dtype`.
     """
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
@@ -229,18 +274,24 @@ class MSDeformAttn(nn.Module):
     heads, levels, points = self.n_heads, self.n_levels, self.n_points
     bias = sampling_offsets_bias_init(heads, levels, points)
     value = nn.Dense(self.d_model, kernel_init=nn.initializers.xavier_uniform(),
-                     name="value_proj")(value_input)
-    value = value.reshape(b, value.shape[1], heads, self.d_model // heads)
+                     dtype=self.dtype, name="value_proj")(value_input)
+    # Offsets and attention weights go to the planar layout of `ms_deform_sample_planar` straight
+    # from the projections ([B, F, Lq], the queries minor), so no array has heads, points or (x, y)
+    # as its minor dimension.
     offsets = nn.Dense(heads * levels * points * 2, kernel_init=nn.initializers.zeros,
-                       bias_init=nn.initializers.constant(bias), name="sampling_offsets")(query)
-    offsets = offsets.reshape(b, lq, heads, levels, points, 2)
+                       bias_init=nn.initializers.constant(bias), dtype=self.dtype,
+                       name="sampling_offsets")(query)
+    offsets = jnp.swapaxes(offsets, 1, 2).reshape(b, heads, levels, points, 2, lq)
+    offsets = jnp.transpose(offsets, (0, 2, 3, 4, 1, 5)).astype(jnp.float32)  # [B, L, P, 2, M, Lq]
     logits = nn.Dense(heads * levels * points, kernel_init=nn.initializers.zeros,
-                      name="attention_weights")(query)
-    weights = jax.nn.softmax(logits.reshape(b, lq, heads, levels * points).astype(jnp.float32), axis=-1)
-    weights = weights.reshape(b, lq, heads, levels, points)
+                      dtype=self.dtype, name="attention_weights")(query)
+    logits = jnp.swapaxes(logits, 1, 2).reshape(b, heads, levels * points, lq)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=2)
+    weights = jnp.transpose(weights.reshape(b, heads, levels, points, lq), (0, 2, 3, 1, 4))
     normaliser = jnp.asarray([[w, h] for h, w in spatial_shapes], jnp.float32)  # [L, 2] (x, y)
-    locations = (reference_points[:, :, None, :, None, :].astype(jnp.float32)
-                 + offsets.astype(jnp.float32) / normaliser[None, None, None, :, None, :])
-    sampled = self.sample_fn(value, tuple(spatial_shapes), locations, weights)
+    reference = jnp.transpose(reference_points.astype(jnp.float32), (0, 2, 3, 1))  # [B, L, 2, Lq]
+    locations = (reference[:, :, None, :, None, :]
+                 + offsets / normaliser[None, :, None, :, None, None])  # [B, L, P, 2, M, Lq]
+    sampled = ms_deform_sample_planar(value, tuple(spatial_shapes), locations, weights)
     return nn.Dense(self.d_model, kernel_init=nn.initializers.xavier_uniform(),
-                    name="output_proj")(sampled)
+                    dtype=self.dtype, name="output_proj")(sampled)

@@ -1,8 +1,10 @@
 """Mask2Former's pixel decoder: a multi-scale deformable attention encoder over res5..res3 and
-one FPN step on res2 (the authors' MSDeformAttnPixelDecoder). Runs in float32 throughout, as the
-authors disable autocast here.
+one FPN step on res2 (the authors' MSDeformAttnPixelDecoder). Runs in float32 by default, as the
+authors disable autocast here; with dtype bfloat16 (a memory lever) its convolutions, dense layers
+and maps are bfloat16, while norm statistics, softmax, sampling locations and the deformable
+sampling itself stay float32.
 """
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import flax.linen as nn
 import jax
@@ -30,12 +32,13 @@ def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def _group_norm(num_groups: int, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, name=name)
+def _group_norm(num_groups: int, dtype: Any, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, dtype=dtype,
+                      name=name)
 
 
-def _layer_norm(name: str) -> LayerNorm:
-  return LayerNorm(epsilon=1e-5, name=name)
+def _layer_norm(dtype: Any, name: str) -> LayerNorm:
+  return LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
 
 
 def encoder_reference_points(spatial_shapes: Tuple[Tuple[int, int], ...]) -> jnp.ndarray:
@@ -64,19 +67,23 @@ class EncoderLayer(nn.Module):
   n_heads: int
   n_points: int
   ffn_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, src: jnp.ndarray, pos: jnp.ndarray, reference_points: jnp.ndarray,
                spatial_shapes: Tuple[Tuple[int, int], ...]) -> jnp.ndarray:
-    """src [B, S, C], pos [S, C] or [B, S, C], reference_points [B, S, L, 2] -> [B, S, C]."""
-    attended = MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points, name="self_attn")(
+    """src [B, S, C], pos [S, C] or [B, S, C], reference_points [B, S, L, 2] -> [B, S, C] (dtype)."""
+    attended = MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points,
+                            dtype=self.dtype, name="self_attn")(
         src + pos, reference_points, src, spatial_shapes)
-    src = _layer_norm("norm1")(src + attended)
+    src = _layer_norm(self.dtype, "norm1")(src + attended)
     hidden = nn.Dense(self.ffn_dim, kernel_init=nn.initializers.xavier_uniform(),
-                      bias_init=torch_linear_bias_init(self.d_model), name="linear1")(src)
+                      bias_init=torch_linear_bias_init(self.d_model), dtype=self.dtype,
+                      name="linear1")(src)
     hidden = nn.Dense(self.d_model, kernel_init=nn.initializers.xavier_uniform(),
-                      bias_init=torch_linear_bias_init(self.ffn_dim), name="linear2")(nn.relu(hidden))
-    return _layer_norm("norm2")(src + hidden)
+                      bias_init=torch_linear_bias_init(self.ffn_dim), dtype=self.dtype,
+                      name="linear2")(nn.relu(hidden))
+    return _layer_norm(self.dtype, "norm2")(src + hidden)
 
 
 def check_widths(conv_dim: int, num_heads: int, num_groups: int, name: str = "pixel decoder conv_dim") -> None:
@@ -89,15 +96,17 @@ def check_widths(conv_dim: int, num_heads: int, num_groups: int, name: str = "pi
 
 def _fpn_step(decoder: "PixelDecoder", res2: jnp.ndarray, finest: jnp.ndarray) -> jnp.ndarray:
   """The FPN step in `decoder`'s scope: res2 [B, H/4, W/4, C_in] and the encoder's 1/8 map
-  [B, H/8, W/8, conv_dim] -> mask_features float32 [B, H/4, W/4, mask_dim]."""
+  [B, H/8, W/8, conv_dim] -> mask_features [B, H/4, W/4, mask_dim] (decoder.dtype)."""
+  dtype = decoder.dtype
   lateral = nn.Conv(decoder.conv_dim, (1, 1), use_bias=False, kernel_init=c2_xavier_init,
-                    name="adapter_1")(res2.astype(jnp.float32))
-  lateral = _group_norm(decoder.num_groups, "adapter_1_norm")(lateral)
+                    dtype=dtype, name="adapter_1")(res2.astype(dtype))
+  lateral = _group_norm(decoder.num_groups, dtype, "adapter_1_norm")(lateral)
   y = lateral + resize_bilinear(finest, lateral.shape[1], lateral.shape[2])
   y = nn.Conv(decoder.conv_dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-              kernel_init=c2_xavier_init, name="layer_1")(y)
-  y = nn.relu(_group_norm(decoder.num_groups, "layer_1_norm")(y))
-  return nn.Conv(decoder.mask_dim, (1, 1), kernel_init=c2_xavier_init, name="mask_features")(y)
+              kernel_init=c2_xavier_init, dtype=dtype, name="layer_1")(y)
+  y = nn.relu(_group_norm(decoder.num_groups, dtype, "layer_1_norm")(y))
+  return nn.Conv(decoder.mask_dim, (1, 1), kernel_init=c2_xavier_init, dtype=dtype,
+                 name="mask_features")(y)
 
 
 class PixelDecoder(nn.Module):
@@ -113,6 +122,7 @@ class PixelDecoder(nn.Module):
     num_groups: GroupNorm groups.
     remat: rematerialise each encoder layer and the FPN step (jax.checkpoint): the backward pass
       recomputes their activations from their inputs. Same parameters, same numbers.
+    dtype: compute dtype (float32 as the authors, or bfloat16; see the module docstring).
   """
   conv_dim: int = 256
   mask_dim: int = 256
@@ -122,6 +132,7 @@ class PixelDecoder(nn.Module):
   ffn_dim: int = 1024
   num_groups: int = 32
   remat: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features: Dict[str, jnp.ndarray]) -> Tuple[jnp.ndarray, List[jnp.ndarray]]:
@@ -131,8 +142,8 @@ class PixelDecoder(nn.Module):
       features: 'res2'..'res5' [B, h, w, C_in] at strides 4, 8, 16, 32 (any float dtype).
 
     Returns:
-      mask_features float32 [B, H/4, W/4, mask_dim] and the encoder maps float32
-      [B, h_l, w_l, conv_dim] at 1/32, 1/16, 1/8 (this order).
+      mask_features [B, H/4, W/4, mask_dim] and the encoder maps [B, h_l, w_l, conv_dim] at 1/32,
+      1/16, 1/8 (this order), all in `dtype`.
     """
     self._check(features)
     levels = len(ENCODER_FEATURES)
@@ -141,10 +152,10 @@ class PixelDecoder(nn.Module):
 
     tokens, positions, spatial_shapes = [], [], []
     for i, name in enumerate(ENCODER_FEATURES):
-      x = features[name].astype(jnp.float32)
+      x = features[name].astype(self.dtype)
       x = nn.Conv(self.conv_dim, (1, 1), kernel_init=nn.initializers.xavier_uniform(),
-                  name=f"input_proj_{i}")(x)
-      x = _group_norm(self.num_groups, f"input_proj_{i}_norm")(x)
+                  dtype=self.dtype, name=f"input_proj_{i}")(x)
+      x = _group_norm(self.num_groups, self.dtype, f"input_proj_{i}_norm")(x)
       _, height, width, _ = x.shape
       spatial_shapes.append((height, width))
       tokens.append(x.reshape(batch, height * width, self.conv_dim))
@@ -152,14 +163,14 @@ class PixelDecoder(nn.Module):
       positions.append(pos.reshape(height * width, self.conv_dim))
     spatial_shapes = tuple(spatial_shapes)
     src = jnp.concatenate(tokens, axis=1)  # [B, S, C]
-    pos = jnp.concatenate(positions, axis=0)  # [S, C]
+    pos = jnp.concatenate(positions, axis=0).astype(self.dtype)  # [S, C]
     reference = encoder_reference_points(spatial_shapes)  # [S, 2]
     reference = jnp.broadcast_to(reference[None, :, None, :], (batch, reference.shape[0], levels, 2))
 
     layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
     for i in range(self.num_layers):
       src = layer(self.conv_dim, levels, self.num_heads, self.num_points, self.ffn_dim,
-                  name=f"encoder_layer_{i}")(src, pos, reference, spatial_shapes)
+                  dtype=self.dtype, name=f"encoder_layer_{i}")(src, pos, reference, spatial_shapes)
 
     multi_scale, start = [], 0
     for height, width in spatial_shapes:
