@@ -104,6 +104,24 @@ def test_reference_equals_packed_with_bisection_and_scipy():
                _loss_and_grad("reference", False, **settings)(*args))
 
 
+def test_bfloat16_masks_get_bfloat16_gradients_of_the_float32_losses():
+  """Mask logits in bfloat16 (a bfloat16 model's): the losses of their float32 values, and the
+  gradient in bfloat16, the float32 gradient up to bfloat16 rounding."""
+  outputs, batch = _problem(seed=3)
+  outputs16 = dict(outputs, mask_logits=outputs["mask_logits"].astype(jnp.bfloat16))
+  outputs32 = dict(outputs, mask_logits=outputs16["mask_logits"].astype(jnp.float32))
+  image_index = jnp.arange(LABELS.shape[0], dtype=jnp.int32)
+  (total16, _), grads16 = _loss_and_grad("packed", False)(outputs16, batch, image_index,
+                                                          batch["labels"])
+  (total32, _), grads32 = _loss_and_grad("packed", False)(outputs32, batch, image_index,
+                                                          batch["labels"])
+  np.testing.assert_allclose(total16, total32, rtol=1e-6)
+  assert grads16["mask_logits"].dtype == jnp.bfloat16
+  scale = float(jnp.max(jnp.abs(grads32["mask_logits"])))
+  np.testing.assert_allclose(np.asarray(grads16["mask_logits"], np.float32),
+                             grads32["mask_logits"], rtol=2e-2, atol=1e-3 * scale)
+
+
 def test_train_step_criterion_is_chosen_by_config():
   cfg = ml_collections.ConfigDict({"loss": _loss_cfg(criterion="reference"),
                                    "model": {"num_classes": CLASSES}})

@@ -99,6 +99,7 @@ class PostProcessor:
       raise ValueError(f"the model predicts {class_logits.shape[-1] - 1} classes but the data set has "
                        f"{self.is_thing.shape[0]}")
     orig_h, orig_w = int(orig_hw[0]), int(orig_hw[1])
+    mask_logits = jnp.asarray(mask_logits, jnp.float32)  # a bfloat16 model's masks too
     feature_hw = mask_logits.shape[-2:]
     out_rows, out_cols = self._bucketed(orig_h), self._bucketed(orig_w)
     if self.resize_first:

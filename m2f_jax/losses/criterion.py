@@ -8,7 +8,7 @@ they do not depend on how the batch is split (devices, micro-batches of gradient
 given the whole batch's labels, a micro-batch's terms are normalised as the whole batch's, and the
 micro-batches' terms add up to the whole batch's. Terms `loss_ce_{l}`, `loss_mask_{l}`,
 `loss_dice_{l}` (l = L - 1 is the final prediction) come weighted; the total is their sum.
-Everything is float32.
+Everything is computed in float32; the mask logits' gradient takes their dtype.
 
 Cost: the matching of all L x B images runs at once (small). The mask losses run over the matched
 (image, target slot) pairs, packed across images and taken B x `loss.slots_per_pass` at a time
@@ -212,7 +212,9 @@ def _mask_losses(mask_logits: jax.Array, segment_ids: jax.Array, query_for_targe
   only weights them with the incoming cotangents. No per-pass array is stored or recomputed.
 
   Args:
-    mask_logits: float32 [L, B, Q, h, w].
+    mask_logits: [L, B, Q, h, w], any float dtype: the losses are computed in float32, and the
+      gradient buffers (and so the gradient) take this dtype, so a bfloat16 model's masks cost
+      half. Each element receives at most one gradient term, so nothing accumulates in bfloat16.
     segment_ids: int [B, S, H, W].
     query_for_target: int [L, B, M].
     matched: bool [L, B, M].
@@ -239,7 +241,8 @@ def _mask_losses_backward(loss_cfg, mesh, gradients, cotangents):
   del loss_cfg, mesh
   d_bce, d_dice = gradients
   ct_bce, ct_dice = (c[:, None, None, None, None] for c in cotangents)
-  return (ct_bce * d_bce + ct_dice * d_dice, None, None, None, None, None, None)
+  return ((ct_bce * d_bce + ct_dice * d_dice).astype(d_bce.dtype), None, None, None, None, None,
+          None)
 
 
 _mask_losses.defvjp(_mask_losses_forward, _mask_losses_backward)
@@ -265,7 +268,7 @@ def match_predictions(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.
     query_for_target int32 [L, B, M] and matched bool [L, B, M].
   """
   class_logits = jax.lax.stop_gradient(jnp.asarray(outputs["class_logits"]).astype(jnp.float32))
-  mask_logits = jax.lax.stop_gradient(jnp.asarray(outputs["mask_logits"]).astype(jnp.float32))
+  mask_logits = jax.lax.stop_gradient(jnp.asarray(outputs["mask_logits"]))  # read in float32
   labels = jnp.asarray(batch["labels"]).astype(jnp.int32)
   segment_ids = jnp.asarray(batch["segment_ids"]).astype(jnp.int32)
   batch_size, num_queries = class_logits.shape[1:3]
@@ -349,7 +352,7 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
     total float32 [] and {'loss_ce_{l}', 'loss_mask_{l}', 'loss_dice_{l}': float32 []} (weighted).
   """
   class_logits = jnp.asarray(outputs["class_logits"]).astype(jnp.float32)
-  mask_logits = jnp.asarray(outputs["mask_logits"]).astype(jnp.float32)
+  mask_logits = jnp.asarray(outputs["mask_logits"])  # kept in its dtype: see `_mask_losses`
   labels = jnp.asarray(batch["labels"]).astype(jnp.int32)
   segment_ids = jnp.asarray(batch["segment_ids"]).astype(jnp.int32)
   check_inputs(class_logits, mask_logits, labels, segment_ids, loss_cfg, num_classes)

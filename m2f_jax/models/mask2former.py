@@ -44,7 +44,9 @@ class Mask2Former(nn.Module):
         are set to 0 after normalising, as the authors pad normalised images with zeros.
 
     Returns:
-      {'class_logits': [L, B, Q, K+1], 'mask_logits': [L, B, Q, H/4, W/4]}, float32.
+      {'class_logits': float32 [L, B, Q, K+1], 'mask_logits': [L, B, Q, H/4, W/4]} with the mask
+      logits in the compute dtype (in bfloat16 the largest output, and the criterion's gradient
+      buffers like it, take half the memory; the criterion and post-processing read them in float32).
     """
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, H, W, 3] RGB, got shape {images.shape}")
@@ -64,8 +66,7 @@ class Mask2Former(nn.Module):
     features = self.backbone(x.astype(self.dtype), train)
     mask_features, multi_scale = self.pixel_decoder(features)
     class_logits, mask_logits = self.decoder(multi_scale, mask_features)
-    return {"class_logits": class_logits.astype(jnp.float32),
-            "mask_logits": mask_logits.astype(jnp.float32)}
+    return {"class_logits": class_logits.astype(jnp.float32), "mask_logits": mask_logits}
 
 
 def _positive_ints(section: ml_collections.ConfigDict, where: str, keys: Sequence[str]) -> None:

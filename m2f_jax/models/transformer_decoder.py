@@ -187,7 +187,8 @@ class MaskedAttentionDecoder(nn.Module):
       mask_features: [B, h4, w4, mask_dim] at 1/4.
 
     Returns:
-      class_logits [L, B, Q, K+1] and mask_logits [L, B, Q, h4, w4], float32, L = num_layers + 1.
+      class_logits float32 [L, B, Q, K+1] and mask_logits [L, B, Q, h4, w4] in `dtype`,
+      L = num_layers + 1.
     """
     if len(multi_scale) != NUM_LEVELS:
       raise ValueError(f"the decoder needs {NUM_LEVELS} feature maps, got {len(multi_scale)}")
@@ -233,7 +234,7 @@ class MaskedAttentionDecoder(nn.Module):
       all_embeddings.append(embedding)
       all_masks.append(predict_masks(embedding))
     masks = _stacked_masks(jnp.stack(all_embeddings), mask_features, jnp.stack(all_masks))
-    return jnp.stack(all_classes).astype(jnp.float32), masks.astype(jnp.float32)
+    return jnp.stack(all_classes).astype(jnp.float32), masks
 
   @staticmethod
   def attention_blocked(mask_logits: jnp.ndarray, level_hw: Tuple[int, int]) -> jnp.ndarray:

@@ -112,7 +112,6 @@ def make_train_step(model: Any, loss_fn: LossFn, tx: optax.GradientTransformatio
         outputs, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, micro_batch["image"], train=True,
             rngs={"dropout": micro_dropout_key}, mutable=["batch_stats"])
-        outputs = jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
         total, terms = loss_fn(outputs, micro_batch, loss_key)
         return total.astype(jnp.float32), (terms, updates.get("batch_stats", {}))
 
