@@ -2,14 +2,15 @@
 
 TensorFlow (here only for the input pipeline and TensorBoard files) prints INFO lines from C++ as it
 loads (CPU features, oneDNN), and TensorFlow and tensorflow_datasets warn about deprecated calls
-inside their own code. None of it is something a user of this project can act on. Their errors
+inside their own code; orbax warns that a checkpoint item has no metadata file when eval.py restores
+the variables of a training checkpoint. None of it is something a user of this project can act on. Their errors
 still show, and so does everything of this project's own code; `--verbosity=0` or higher
 (absl's flag) leaves all logs as they are.
 """
 import logging
 import os
 
-_QUIETED_PACKAGES = ("tensorflow", "tensorflow_datasets")
+_QUIETED_PACKAGES = ("tensorflow", "tensorflow_datasets", "orbax")
 
 
 class _BelowErrorFromPackages(logging.Filter):
@@ -24,7 +25,7 @@ class _BelowErrorFromPackages(logging.Filter):
 
 
 def quiet_third_party_logs() -> None:
-  """Hides TensorFlow's and tensorflow_datasets' INFO and WARNING lines. Call before importing
+  """Hides TensorFlow's, tensorflow_datasets' and orbax's INFO and WARNING lines. Call before importing
   TensorFlow (its C++ logging reads TF_CPP_MIN_LOG_LEVEL once, at load)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # 1: C++ warnings and errors only
   # TensorFlow announces its oneDNN kernels whatever the level; they only serve TF's own math

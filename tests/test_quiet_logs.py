@@ -1,4 +1,4 @@
-"""train.py / eval.py output: TensorFlow's and tensorflow_datasets' deprecation chatter is hidden."""
+"""train.py / eval.py output: TensorFlow's, tensorflow_datasets' and orbax's chatter is hidden."""
 import logging
 import os
 import subprocess
@@ -53,3 +53,13 @@ def test_filter_drops_only_their_records_below_error():
   assert not keep(record(theirs, logging.WARNING))
   assert keep(record(theirs, logging.ERROR))
   assert keep(record(os.path.join(ROOT, "m2f_jax", "data", "pipeline.py"), logging.WARNING))
+
+
+def test_orbax_warnings_below_error_are_dropped():
+  """eval.py restoring a training checkpoint's variables made orbax warn of a missing metadata file."""
+  keep = quiet_logs._BelowErrorFromPackages(quiet_logs._QUIETED_PACKAGES).filter
+  orbax_file = os.path.join("", "site-packages", "orbax", "checkpoint", "checkpoint.py")
+  warning = logging.LogRecord("absl", logging.WARNING, orbax_file, 202, "Metadata file does not exist",
+                              None, None)
+  error = logging.LogRecord("absl", logging.ERROR, orbax_file, 202, "message", None, None)
+  assert not keep(warning) and keep(error)
