@@ -110,11 +110,11 @@ def ms_deform_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes,
 
 def ms_deform_sample_planar(value: jnp.ndarray, spatial_shapes: SpatialShapes,
                             locations: jnp.ndarray, attention: jnp.ndarray) -> jnp.ndarray:
-  """Deformable sampling as one weighted row gather over all corners, points and levels.
+  """Deformable sampling as one weighted gather over all corners, points and levels.
 
-  Each image's values are viewed as an [S * M, D] table; every (level, point, corner) k and
-  (head, query) n = m * Lq + q becomes one row index and one weight (bilinear weight x attention
-  weight), so the op is a weighted sum of K = L * P * 4 gathered rows per n. Every per-sample
+  Each image's values are an [S, M * D] table; every (level, point, corner) k and (head, query)
+  n = m * Lq + q becomes one position and one weight (bilinear weight x attention weight), so the
+  op is a weighted sum of K = L * P * 4 gathered slices per n (head m's D columns at a position). Every per-sample
   array has the queries minor ([..., M, Lq], indices and weights [B, K, M * Lq]): TPU tiles pad
   the minor dimension to 128, and with the heads (8), points (4) or (x, y) (2) minor, the arrays
   an R50 step keeps for its backward pass at 1024x1024 grew 16-64x. The gather is vmapped over
@@ -199,11 +199,9 @@ def _gather_weighted_sum_fwd(table, positions, weight, heads):
 
 def _gather_weighted_sum_bwd(heads, residuals, grad):
   """d table: scatter-add of weight * grad at the slices; d weight: <table slice, grad>."""
-  dim = residuals[0].shape[1] // heads
-  # The barrier keeps XLA from sharing index arrays with the forward pass, which would keep them
-  # (padded on TPU) alive from the forward pass to this one.
-  (table, positions, weight), columns = jax.lax.optimization_barrier(
-      (residuals, _head_columns(heads, dim, residuals[1].shape[1])))
+  table, positions, weight = residuals
+  dim = table.shape[1] // heads
+  columns = _head_columns(heads, dim, positions.shape[1])
 
   def sample_grads(grad_table, sample):
     sample_positions, sample_weight = sample
