@@ -12,20 +12,13 @@ over the topology's chips, and prints a markdown table per chip: temporaries, pe
 FLOPs are a lower bound and are not comparable with the reference's).
 """
 import argparse
-import importlib.util
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def load_config(path: str):
-  """get_config() of a configs/*.py file."""
-  spec = importlib.util.spec_from_file_location("benchmarked_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory_levers import load_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main():

@@ -50,6 +50,24 @@ def class_weight_total(labels: jax.Array, num_queries: int, no_object_weight: fl
   return jnp.sum(no_object_weight * num_queries + (1.0 - no_object_weight) * matched)
 
 
+def whole_batch_normalisers(whole_labels: jax.Array, num_queries: int,
+                            no_object_weight: float) -> Tuple[jax.Array, jax.Array]:
+  """What the terms are divided by: the whole batch's real targets (at least 1; the mask terms)
+  and its `class_weight_total` (the class term), from its labels [B, M]. Under jit over global
+  arrays these are global counts: per-device losses divided by them and summed over devices equal
+  the authors' all-reduced average of per-device losses."""
+  num_masks = jnp.maximum(jnp.sum(whole_labels >= 0).astype(jnp.float32), 1.0)
+  return num_masks, class_weight_total(whole_labels, num_queries, no_object_weight)
+
+
+def draw_matcher_points(match_key: jax.Array, image_index: jax.Array, num_layers: int,
+                        num_points: int) -> jax.Array:
+  """The matching cost's uniform points [L, B, P, 2]: image b's from fold_in(match_key,
+  image_index[b]), so they do not depend on how the batch is split."""
+  draw = lambda i: jax.random.uniform(jax.random.fold_in(match_key, i), (num_layers, num_points, 2))
+  return jax.vmap(draw, out_axes=1)(image_index)
+
+
 def _class_loss(class_logits: jax.Array, labels: jax.Array, query_for_target: jax.Array,
                 matched: jax.Array, no_object_weight: float, weight_total: jax.Array) -> jax.Array:
   """Cross-entropy over all queries, weighted (F.cross_entropy with class weights), summed and
@@ -360,15 +378,11 @@ def mask2former_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
   image_index = (jnp.arange(batch_size, dtype=jnp.int32) if image_index is None
                  else jnp.asarray(image_index).astype(jnp.int32))
   whole_labels = labels if whole_batch_labels is None else jnp.asarray(whole_batch_labels)
-  # Under jit over global arrays this is the global count: per-device losses divided by it and
-  # summed over devices equal the authors' all-reduced average of per-device losses.
-  num_masks = jnp.maximum(jnp.sum(whole_labels >= 0).astype(jnp.float32), 1.0)
-  weight_total = class_weight_total(whole_labels, num_queries, loss_cfg.no_object_weight)
+  num_masks, weight_total = whole_batch_normalisers(whole_labels, num_queries,
+                                                   loss_cfg.no_object_weight)
   match_key, pair_key = jax.random.split(rng)
   if points is None:
-    draw = lambda i: jax.random.uniform(jax.random.fold_in(match_key, i),
-                                        (num_layers, loss_cfg.num_points, 2))
-    matcher_points = jax.vmap(draw, out_axes=1)(image_index)  # [L, B, P, 2]
+    matcher_points = draw_matcher_points(match_key, image_index, num_layers, loss_cfg.num_points)
     candidates = None
   else:
     matcher_points = points["matcher"]

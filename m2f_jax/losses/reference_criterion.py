@@ -120,13 +120,11 @@ def reference_loss(outputs, batch, rng: jax.Array, loss_cfg: ml_collections.Conf
   image_index = (jnp.arange(batch_size, dtype=jnp.int32) if image_index is None
                  else jnp.asarray(image_index).astype(jnp.int32))
   whole_labels = labels if whole_batch_labels is None else jnp.asarray(whole_batch_labels)
-  num_masks = jnp.maximum(jnp.sum(whole_labels >= 0).astype(jnp.float32), 1.0)
-  weight_total = criterion.class_weight_total(whole_labels, num_queries,
-                                              loss_cfg.no_object_weight)
+  num_masks, weight_total = criterion.whole_batch_normalisers(whole_labels, num_queries,
+                                                             loss_cfg.no_object_weight)
   match_key, pair_key = jax.random.split(rng)
-  draw = lambda i: jax.random.uniform(jax.random.fold_in(match_key, i),
-                                      (num_layers, loss_cfg.num_points, 2))
-  matcher_points = jax.vmap(draw, out_axes=1)(image_index)  # [L, B, P, 2]
+  matcher_points = criterion.draw_matcher_points(match_key, image_index, num_layers,
+                                                 loss_cfg.num_points)  # [L, B, P, 2]
 
   def local_sums(class_logits, mask_logits, labels, segment_ids, matcher_points, image_index):
     query_for_target, matched = _match(
