@@ -1,12 +1,14 @@
-"""m2f_jax's LayerNorm and softmax against PyTorch's (values and gradients), and the memory their
-hand-written backward passes save over autodiff through flax's nn.LayerNorm and jax.nn.softmax."""
+"""m2f_jax's LayerNorm, GroupNorm and softmax against PyTorch's (values and gradients), the
+memory their hand-written backward passes save over autodiff through flax and jax.nn, and
+`gradients_together` (the same gradients as a plain call)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
-from m2f_jax.models.lean_backward import LayerNorm, softmax
+from m2f_jax.models.lean_backward import GroupNorm, LayerNorm, gradients_together, softmax
 
 C = 48
 
@@ -96,3 +98,69 @@ def test_softmax_backward_keeps_less_than_autodiff_through_jax_nn():
   autodiff = _stack_temp_bytes(lambda p, x: jax.nn.softmax(x * p["params"]["scale"], axis=-1))
   layer = 4096 * C * 4
   assert ours <= autodiff - 3 * layer, (ours / layer, autodiff / layer)
+
+
+def test_group_norm_params_values_and_gradients_match_torch():
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=(2, 5, 7, C)) * 3 + 40).astype(np.float32)  # large offset: two-pass variance
+  grad_y = rng.normal(size=x.shape).astype(np.float32)
+  module = GroupNorm(num_groups=4, epsilon=1e-5)
+  ours = jax.tree.map(np.asarray, module.init(jax.random.key(0), jnp.asarray(x)))
+  flax_ = jax.tree.map(np.asarray, nn.GroupNorm(num_groups=4).init(jax.random.key(0), jnp.asarray(x)))
+  assert jax.tree.structure(ours) == jax.tree.structure(flax_)
+  variables = _params(6)
+  y, vjp = jax.vjp(lambda v, x: module.apply(v, x), variables, jnp.asarray(x))
+  grad_vars, grad_x = vjp(jnp.asarray(grad_y))
+
+  ref = torch.nn.GroupNorm(4, C, eps=1e-5)
+  with torch.no_grad():
+    ref.weight.copy_(torch.tensor(np.asarray(variables["params"]["scale"])))
+    ref.bias.copy_(torch.tensor(np.asarray(variables["params"]["bias"])))
+  x_t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+  y_t = ref(x_t)
+  y_t.backward(torch.from_numpy(grad_y.transpose(0, 3, 1, 2).copy()))
+  np.testing.assert_allclose(y, y_t.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_x, x_t.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grad_vars["params"]["scale"], ref.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grad_vars["params"]["bias"], ref.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_bfloat16_keeps_its_dtype_and_rejects_bad_widths():
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 6, C)), jnp.bfloat16)
+  module = GroupNorm(num_groups=8, dtype=jnp.bfloat16)
+  variables = _params(8)
+  grad = jax.grad(lambda x: jnp.sum(module.apply(variables, x).astype(jnp.float32) ** 2))(x)
+  grad_f32 = jax.grad(lambda x: jnp.sum(GroupNorm(8).apply(variables, x) ** 2))(x.astype(jnp.float32))
+  assert module.apply(variables, x).dtype == jnp.bfloat16 and grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(grad, np.float32), grad_f32, rtol=0.05, atol=0.05)
+  with pytest.raises(ValueError, match="48 channels do not split into 5 groups"):
+    GroupNorm(num_groups=5).init(jax.random.key(0), x)
+
+
+class _TwoDense(nn.Module):
+  @nn.compact
+  def __call__(self, x, scale):
+    return nn.Dense(C)(nn.relu(nn.Dense(2 * C)(x))) * scale
+
+
+def test_gradients_together_gives_the_plain_gradients():
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=(3, C)), jnp.float32)
+  scale = jnp.asarray(rng.normal(size=(C,)), jnp.float32)
+
+  class Outer(nn.Module):
+    together: bool
+
+    @nn.compact
+    def __call__(self, x, scale):
+      layer = _TwoDense(name="layer")
+      if self.together:
+        return gradients_together(lambda module, *arrays: module(*arrays))(layer, x, scale)
+      return layer(x, scale)
+
+  variables = Outer(False).init(jax.random.key(1), x, scale)
+  loss = lambda together: lambda v, x, s: jnp.sum(jnp.tanh(Outer(together).apply(v, x, s)))
+  plain = jax.grad(loss(False), argnums=(0, 1, 2))(variables, x, scale)
+  together = jax.grad(loss(True), argnums=(0, 1, 2))(variables, x, scale)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), plain, together)
+  assert np.abs(np.asarray(plain[1])).max() > 0

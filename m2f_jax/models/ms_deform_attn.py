@@ -114,15 +114,15 @@ def ms_deform_sample_planar(value: jnp.ndarray, spatial_shapes: SpatialShapes,
 
   Each image's values are an [S, M * D] table; every (level, point, corner) k and (head, query)
   n = m * Lq + q becomes one position and one weight (bilinear weight x attention weight), so the
-  op is a weighted sum of K = L * P * 4 gathered slices per n (head m's D columns at a position). Every per-sample
-  array has the queries minor ([..., M, Lq], indices and weights [B, K, M * Lq]): TPU tiles pad
-  the minor dimension to 128, and with the heads (8), points (4) or (x, y) (2) minor, the arrays
-  an R50 step keeps for its backward pass at 1024x1024 grew 16-64x. The gather is vmapped over
-  the batch rather than flattened into one table, so with the batch sharded over devices each
-  device gathers from its own images only.
+  op is a weighted sum of K = L * P * 4 gathered slices per n (head m's D columns at a position).
+  Every per-sample array has n minor (positions and weights [K, B, M * Lq], gathered slices
+  [B, D, M * Lq]): TPU tiles pad the minor dimension to 128, and with the heads (8), points (4)
+  or (x, y) (2) minor, the arrays an R50 step keeps for its backward pass at 1024x1024 grew
+  16-64x. The batch is a batching dimension of the gather, so with the batch sharded over devices
+  each device gathers from its own images only.
 
   Args:
-    value: [B, S, M * D], the heads' values side by side.
+    value: [B, S, M * D], the heads' values side by side (float32 or bfloat16).
     spatial_shapes: L static (h_l, w_l) pairs.
     locations: [B, L, P, 2, M, Lq] (x, y) in [0, 1].
     attention: [B, L, P, M, Lq].
@@ -130,94 +130,126 @@ def ms_deform_sample_planar(value: jnp.ndarray, spatial_shapes: SpatialShapes,
   Returns:
     float32 [B, Lq, M * D].
   """
-  value, locations, attention = (x.astype(jnp.float32) for x in (value, locations, attention))
-  b, total, channels = value.shape
-  _, levels, points, _, heads, lq = locations.shape
+  b, _, channels = value.shape
+  _, _, _, _, heads, lq = locations.shape
   dim = channels // heads
+  out = _deform_sample(value, locations.astype(jnp.float32), attention.astype(jnp.float32),
+                       tuple(map(tuple, spatial_shapes)))  # [B, D, M * Lq]
+  return jnp.transpose(out.reshape(b, dim, heads, lq), (0, 3, 2, 1)).reshape(b, lq, heads * dim)
+
+
+def _sample_weights(locations: jnp.ndarray, attention: jnp.ndarray,
+                    spatial_shapes: SpatialShapes) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Each sample's weight and position in the image's values.
+
+  Args:
+    locations: [B, L, P, 2, M, Lq] (x, y) in [0, 1].
+    attention: [B, L, P, M, Lq].
+    spatial_shapes: L static (h_l, w_l) pairs.
+
+  Returns:
+    weight float32 and position int32, both [K, B, M * Lq] with k = (level, corner, point).
+  """
+  b, levels, points, _, heads, lq = locations.shape
   locations = locations.reshape(b, levels, points, 2, heads * lq)
   attention = attention.reshape(b, levels, points, heads * lq)
-  rows, weights = [], []
+  positions, weights = [], []
   start = 0
   for level, (height, width) in enumerate(spatial_shapes):
     index, corner_weight = _bilinear_corners(locations[:, level, :, 0], locations[:, level, :, 1],
                                              height, width)  # [4, B, P, M * Lq]
-    rows.append(index + start)  # position in the image's values
+    positions.append(index + start)
     weights.append(corner_weight * attention[None, :, level])
     start += height * width
-  by_sample = lambda parts: jnp.concatenate(parts, axis=0).swapaxes(0, 1).reshape(
-      b, levels * 4 * points, heads * lq)  # [B, K, M * Lq]
-  out = jax.vmap(_gather_weighted_sum, in_axes=(0, 0, 0, None))(
-      value, by_sample(rows), by_sample(weights), heads)
-  return jnp.swapaxes(out.reshape(b, heads, lq, dim), 1, 2).reshape(b, lq, heads * dim)
-
-
-_SLICES = dict(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0, 1))
-_SLICE_UPDATES = dict(update_window_dims=(1,), inserted_window_dims=(0,),
-                      scatter_dims_to_operand_dims=(0, 1))
-_IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
-
-
-def _head_columns(heads: int, dim: int, size: int) -> jnp.ndarray:
-  """int32 [size]: the first table column of head m for n = m * (size / heads) + q."""
-  return jnp.repeat(jnp.arange(heads, dtype=jnp.int32) * dim, size // heads)
-
-
-def _weighted_rows(table: jnp.ndarray, positions: jnp.ndarray, weight: jnp.ndarray,
-                   heads: int) -> jnp.ndarray:
-  dim = table.shape[1] // heads
-  columns = _head_columns(heads, dim, positions.shape[1])
-
-  def add_sample(total, sample):
-    sample_positions, sample_weight = sample
-    picked = jax.lax.gather(table, jnp.stack([sample_positions, columns], axis=-1),
-                            jax.lax.GatherDimensionNumbers(**_SLICES), (1, dim), mode=_IN_BOUNDS)
-    return total + picked * sample_weight[:, None], None
-
-  total = jnp.zeros((positions.shape[1], dim), table.dtype)
-  return jax.lax.scan(add_sample, total, (positions, weight))[0]
+  by_sample = lambda parts: jnp.swapaxes(jnp.concatenate(parts, axis=0), 1, 2).reshape(
+      levels * 4 * points, b, heads * lq)
+  return by_sample(weights), by_sample(positions)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gather_weighted_sum(table: jnp.ndarray, positions: jnp.ndarray, weight: jnp.ndarray,
-                         heads: int) -> jnp.ndarray:
-  """sum_k weight[k, n] * table[positions[k, n], head m's D columns], n = m * Lq + q: table
-  [S, M * D], positions and weight [K, M * Lq] -> [M * Lq, D].
+def _deform_sample(table: jnp.ndarray, locations: jnp.ndarray, attention: jnp.ndarray,
+                   spatial_shapes: SpatialShapes) -> jnp.ndarray:
+  """sum_k weight[k, b, n] * table[b, position[k, b, n], head m's D columns], n = m * Lq + q:
+  table [B, S, M * D], locations [B, L, P, 2, M, Lq], attention [B, L, P, M, Lq] -> float32
+  [B, D, M * Lq].
 
   Forward and backward run one sample k at a time (a scan over K), so the [K, N, D] samples
-  (about 1 GB per 1024x1024 image and encoder layer) never exist; on CPU this is also 2-3x faster
-  than one big gather. Each sample gathers [1, D] slices of the [S, M * D] table itself: a
-  [S * M, D] view of it would be what the backward pass keeps, and TPU tiles pad its D-wide
-  minor dimension to 128. (jax.checkpoint cannot be relied on here: XLA:CPU merges the
-  recomputed gather with the forward one and keeps it alive.)
+  (about 1 GB per 1024x1024 image and encoder layer) never exist. The backward pass keeps only
+  the table (in its own dtype), the locations and the attention, and derives the positions and
+  weights again: kept, they and the bilinear terms behind them took 270 MiB per encoder layer of
+  an R50 step (2 images of 1024x1024), against 47 MiB for the locations and attention.
+  (jax.checkpoint cannot be relied on for this: XLA:CPU merges the recomputed gather with the
+  forward one and keeps it alive.)
   """
-  return _weighted_rows(table, positions, weight, heads)
+  heads = locations.shape[4]
+  weight, position = _sample_weights(locations, attention, spatial_shapes)
+  return _weighted_slices(table, position, weight, heads)
 
 
-def _gather_weighted_sum_fwd(table, positions, weight, heads):
-  return _weighted_rows(table, positions, weight, heads), (table, positions, weight)
+def _deform_sample_fwd(table, locations, attention, spatial_shapes):
+  return _deform_sample(table, locations, attention, spatial_shapes), (table, locations, attention)
 
 
-def _gather_weighted_sum_bwd(heads, residuals, grad):
-  """d table: scatter-add of weight * grad at the slices; d weight: <table slice, grad>."""
-  table, positions, weight = residuals
-  dim = table.shape[1] // heads
-  columns = _head_columns(heads, dim, positions.shape[1])
+def _deform_sample_bwd(spatial_shapes, residuals, grad):
+  """d table: scatter-add of weight * grad at the slices; d weight: <table slice, grad>, taken
+  back to the locations and attention through the weights' own VJP."""
+  table, locations, attention = residuals
+  heads = locations.shape[4]
+  dim = table.shape[2] // heads
+  # The barrier keeps XLA from merging this with the forward pass's weights (and keeping those).
+  locations, attention = jax.lax.optimization_barrier((locations, attention))
+  weight, weight_vjp, position = jax.vjp(
+      lambda l, a: _sample_weights(l, a, spatial_shapes), locations, attention, has_aux=True)
 
   def sample_grads(grad_table, sample):
-    sample_positions, sample_weight = sample
-    starts = jnp.stack([sample_positions, columns], axis=-1)
-    picked = jax.lax.gather(table, starts, jax.lax.GatherDimensionNumbers(**_SLICES), (1, dim),
-                            mode=_IN_BOUNDS)  # [N, D]
+    sample_position, sample_weight = sample
+    starts = _slice_starts(sample_position, heads, dim)
+    picked = jax.lax.gather(table, starts, _SLICES, (1, 1, dim), mode=_IN_BOUNDS)  # [B, D, N]
     grad_table = jax.lax.scatter_add(grad_table, starts, sample_weight[:, None] * grad,
-                                     jax.lax.ScatterDimensionNumbers(**_SLICE_UPDATES),
-                                     mode=_IN_BOUNDS)
-    return grad_table, jnp.sum(picked * grad, axis=-1)
+                                     _SLICE_UPDATES, mode=_IN_BOUNDS)
+    return grad_table, jnp.sum(picked.astype(jnp.float32) * grad, axis=1)
 
-  grad_table, grad_weight = jax.lax.scan(sample_grads, jnp.zeros_like(table), (positions, weight))
-  return grad_table, None, grad_weight
+  grad_table, grad_weight = jax.lax.scan(
+      sample_grads, jnp.zeros(table.shape, jnp.float32), (position, weight))
+  grad_locations, grad_attention = weight_vjp(grad_weight)
+  return grad_table.astype(table.dtype), grad_locations, grad_attention
 
 
-_gather_weighted_sum.defvjp(_gather_weighted_sum_fwd, _gather_weighted_sum_bwd)
+_deform_sample.defvjp(_deform_sample_fwd, _deform_sample_bwd)
+
+
+# Gather [D]-slices of an image's [S, M * D] table at (position, first column) start indices
+# [B, N, 2] as [B, D, N] (the slice dimension before n, so n stays minor), batched over images.
+_SLICES = jax.lax.GatherDimensionNumbers(
+    offset_dims=(1,), collapsed_slice_dims=(1,), start_index_map=(1, 2),
+    operand_batching_dims=(0,), start_indices_batching_dims=(0,))
+_SLICE_UPDATES = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(1,), inserted_window_dims=(1,), scatter_dims_to_operand_dims=(1, 2),
+    operand_batching_dims=(0,), scatter_indices_batching_dims=(0,))
+_IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+
+
+def _slice_starts(position: jnp.ndarray, heads: int, dim: int) -> jnp.ndarray:
+  """int32 [B, N, 2] (position, first column of head m) for n = m * (N / heads) + q."""
+  b, size = position.shape
+  columns = jnp.repeat(jnp.arange(heads, dtype=jnp.int32) * dim, size // heads)
+  return jnp.stack([position, jnp.broadcast_to(columns, (b, size))], axis=-1)
+
+
+def _weighted_slices(table: jnp.ndarray, position: jnp.ndarray, weight: jnp.ndarray,
+                     heads: int) -> jnp.ndarray:
+  """sum_k weight[k] * (gathered slices at position[k]): [B, S, M * D], [K, B, N] -> f32 [B, D, N]."""
+  b, _, channels = table.shape
+  dim = channels // heads
+
+  def add_sample(total, sample):
+    sample_position, sample_weight = sample
+    picked = jax.lax.gather(table, _slice_starts(sample_position, heads, dim), _SLICES,
+                            (1, 1, dim), mode=_IN_BOUNDS)  # [B, D, N]
+    return total + picked.astype(jnp.float32) * sample_weight[:, None], None
+
+  total = jnp.zeros((b, dim, position.shape[2]), jnp.float32)
+  return jax.lax.scan(add_sample, total, (position, weight))[0]
 
 
 def sampling_offsets_bias_init(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2f_jax.models.lean_backward import LayerNorm
+from m2f_jax.models.lean_backward import GroupNorm, LayerNorm, gradients_together
 from m2f_jax.models.ms_deform_attn import MSDeformAttn
 from m2f_jax.models.position import sine_position_embedding
 
@@ -32,9 +32,8 @@ def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def _group_norm(num_groups: int, dtype: Any, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, dtype=dtype,
-                      name=name)
+def _group_norm(num_groups: int, dtype: Any, name: str) -> GroupNorm:
+  return GroupNorm(num_groups=num_groups, epsilon=1e-5, dtype=dtype, name=name)
 
 
 def _layer_norm(dtype: Any, name: str) -> LayerNorm:
@@ -168,9 +167,10 @@ class PixelDecoder(nn.Module):
     reference = jnp.broadcast_to(reference[None, :, None, :], (batch, reference.shape[0], levels, 2))
 
     layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
+    encode = gradients_together(lambda module, *arrays: module(*arrays, spatial_shapes))
     for i in range(self.num_layers):
-      src = layer(self.conv_dim, levels, self.num_heads, self.num_points, self.ffn_dim,
-                  dtype=self.dtype, name=f"encoder_layer_{i}")(src, pos, reference, spatial_shapes)
+      src = encode(layer(self.conv_dim, levels, self.num_heads, self.num_points, self.ffn_dim,
+                         dtype=self.dtype, name=f"encoder_layer_{i}"), src, pos, reference)
 
     multi_scale, start = [], 0
     for height, width in spatial_shapes:
