@@ -93,6 +93,18 @@ def test_softmax_matches_torch_with_masked_entries():
   assert np.all(np.asarray(weights)[..., 2] == 0) and np.all(np.asarray(grad_logits)[..., 2] == 0)
 
 
+def test_softmax_to_bfloat16_matches_float32_within_rounding():
+  logits = jnp.asarray(np.random.default_rng(10).normal(size=(3, 4, 9)) * 3, jnp.float32)
+  grad_w = jnp.asarray(np.random.default_rng(11).normal(size=logits.shape), jnp.float32)
+  weights, vjp = jax.vjp(lambda x: softmax(x, jnp.bfloat16), logits)
+  weights_f32, vjp_f32 = jax.vjp(softmax, logits)
+  (grad,) = vjp(grad_w.astype(jnp.bfloat16))
+  (grad_f32,) = vjp_f32(grad_w)
+  assert weights.dtype == jnp.bfloat16 and grad.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(weights, np.float32), weights_f32, rtol=1e-2, atol=1e-3)
+  np.testing.assert_allclose(grad, grad_f32, rtol=2e-2, atol=2e-2)
+
+
 def test_softmax_backward_keeps_less_than_autodiff_through_jax_nn():
   ours = _stack_temp_bytes(lambda p, x: softmax(x * p["params"]["scale"]))
   autodiff = _stack_temp_bytes(lambda p, x: jax.nn.softmax(x * p["params"]["scale"], axis=-1))

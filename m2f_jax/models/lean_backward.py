@@ -93,22 +93,29 @@ def _group_norm_bwd(num_groups, epsilon, residuals, grad):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
-@jax.custom_vjp
-def softmax(logits: jax.Array) -> jax.Array:
-  """Softmax over the last axis, [..., N] -> [..., N], as `jax.nn.softmax(logits, axis=-1)`
-  (-inf entries get weight 0)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax(logits: jax.Array, dtype: Any = None) -> jax.Array:
+  """Softmax over the last axis, [..., N] -> [..., N] in `dtype` (None: the logits'), as
+  `jax.nn.softmax(logits, axis=-1).astype(dtype)` (-inf entries get weight 0). Computed in the
+  logits' dtype; the backward pass keeps the weights in `dtype` (the copy the attention's value
+  product keeps anyway) and works in float32."""
   exp = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-  return exp / jnp.sum(exp, axis=-1, keepdims=True)
+  return (exp / jnp.sum(exp, axis=-1, keepdims=True)).astype(dtype or logits.dtype)
 
 
-def _softmax_fwd(logits):
-  weights = softmax(logits)
-  return weights, weights
+def _softmax_fwd(logits, dtype):
+  weights = softmax(logits, dtype)
+  return weights, (weights, jnp.zeros((), logits.dtype))
 
 
-def _softmax_bwd(weights, grad):
+def _softmax_bwd(dtype, residuals, grad):
   """d logits = weights * (grad - <grad, weights>)."""
-  return (weights * (grad - jnp.sum(grad * weights, axis=-1, keepdims=True)),)
+  del dtype
+  weights, like_logits = residuals
+  weights = weights.astype(jnp.float32)
+  grad = grad.astype(jnp.float32)
+  grad_logits = weights * (grad - jnp.sum(grad * weights, axis=-1, keepdims=True))
+  return (grad_logits.astype(like_logits.dtype),)
 
 
 softmax.defvjp(_softmax_fwd, _softmax_bwd)

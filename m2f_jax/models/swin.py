@@ -136,7 +136,7 @@ class WindowAttention(nn.Module):
     q, k, v = (x.reshape(b, nw, n, self.num_heads, head_dim) for x in jnp.split(qkv, 3, axis=-1))
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
     logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32) + bias
-    weights = softmax(logits).astype(self.dtype)
+    weights = softmax(logits, self.dtype)
     out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v).reshape(b, nw, n, c)
     return _dense(c, self.dtype, "proj")(out)
 

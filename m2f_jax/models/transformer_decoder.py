@@ -67,7 +67,7 @@ class MultiHeadAttention(nn.Module):
     logits = jnp.einsum("bqhd,bnhd->bhqn", q, k, preferred_element_type=jnp.float32)
     if blocked is not None:
       logits = jnp.where(blocked[:, None], -jnp.inf, logits)
-    weights = softmax(logits).astype(self.dtype)
+    weights = softmax(logits, self.dtype)
     out = jnp.einsum("bhqn,bnhd->bqhd", weights, v)
     out = out.reshape(out.shape[:-2] + (self.hidden_dim,))
     return dense("out", XAVIER_INIT)(out)
