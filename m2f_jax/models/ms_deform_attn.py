@@ -115,11 +115,11 @@ def ms_deform_sample_planar(value: jnp.ndarray, spatial_shapes: SpatialShapes,
   Each image's values are an [S, M * D] table; every (level, point, corner) k and (head, query)
   n = m * Lq + q becomes one position and one weight (bilinear weight x attention weight), so the
   op is a weighted sum of K = L * P * 4 gathered slices per n (head m's D columns at a position).
-  Every per-sample array has n minor (positions and weights [K, B, M * Lq], gathered slices
-  [B, D, M * Lq]): TPU tiles pad the minor dimension to 128, and with the heads (8), points (4)
-  or (x, y) (2) minor, the arrays an R50 step keeps for its backward pass at 1024x1024 grew
-  16-64x. The batch is a batching dimension of the gather, so with the batch sharded over devices
-  each device gathers from its own images only.
+  Every per-sample array has n minor (positions and weights [K, B, M * Lq]): TPU tiles pad the
+  minor dimension to 128, and with the heads (8), points (4) or (x, y) (2) minor, the arrays an
+  R50 step keeps for its backward pass at 1024x1024 grew 16-64x. The gather is vmapped over the
+  batch rather than flattened into one table, so with the batch sharded over devices each device
+  gathers from its own images only.
 
   Args:
     value: [B, S, M * D], the heads' values side by side (float32 or bfloat16).
@@ -134,8 +134,8 @@ def ms_deform_sample_planar(value: jnp.ndarray, spatial_shapes: SpatialShapes,
   _, _, _, _, heads, lq = locations.shape
   dim = channels // heads
   out = _deform_sample(value, locations.astype(jnp.float32), attention.astype(jnp.float32),
-                       tuple(map(tuple, spatial_shapes)))  # [B, D, M * Lq]
-  return jnp.transpose(out.reshape(b, dim, heads, lq), (0, 3, 2, 1)).reshape(b, lq, heads * dim)
+                       tuple(map(tuple, spatial_shapes)))  # [B, M * Lq, D]
+  return jnp.swapaxes(out.reshape(b, heads, lq, dim), 1, 2).reshape(b, lq, heads * dim)
 
 
 def _sample_weights(locations: jnp.ndarray, attention: jnp.ndarray,
@@ -171,19 +171,17 @@ def _deform_sample(table: jnp.ndarray, locations: jnp.ndarray, attention: jnp.nd
                    spatial_shapes: SpatialShapes) -> jnp.ndarray:
   """sum_k weight[k, b, n] * table[b, position[k, b, n], head m's D columns], n = m * Lq + q:
   table [B, S, M * D], locations [B, L, P, 2, M, Lq], attention [B, L, P, M, Lq] -> float32
-  [B, D, M * Lq].
+  [B, M * Lq, D].
 
   Forward and backward run one sample k at a time (a scan over K), so the [K, N, D] samples
   (about 1 GB per 1024x1024 image and encoder layer) never exist. The backward pass keeps only
   the table (in its own dtype), the locations and the attention, and derives the positions and
   weights again: kept, they and the bilinear terms behind them took 270 MiB per encoder layer of
   an R50 step (2 images of 1024x1024), against 47 MiB for the locations and attention.
-  (jax.checkpoint cannot be relied on for this: XLA:CPU merges the recomputed gather with the
-  forward one and keeps it alive.)
   """
   heads = locations.shape[4]
   weight, position = _sample_weights(locations, attention, spatial_shapes)
-  return _weighted_slices(table, position, weight, heads)
+  return jax.vmap(_weighted_slices, in_axes=(0, 1, 1, None))(table, position, weight, heads)
 
 
 def _deform_sample_fwd(table, locations, attention, spatial_shapes):
@@ -191,26 +189,16 @@ def _deform_sample_fwd(table, locations, attention, spatial_shapes):
 
 
 def _deform_sample_bwd(spatial_shapes, residuals, grad):
-  """d table: scatter-add of weight * grad at the slices; d weight: <table slice, grad>, taken
-  back to the locations and attention through the weights' own VJP."""
+  """d table and d weight per image (`_slice_grads`), d weight taken back to the locations and
+  attention through the weights' own VJP."""
   table, locations, attention = residuals
   heads = locations.shape[4]
-  dim = table.shape[2] // heads
   # The barrier keeps XLA from merging this with the forward pass's weights (and keeping those).
   locations, attention = jax.lax.optimization_barrier((locations, attention))
   weight, weight_vjp, position = jax.vjp(
       lambda l, a: _sample_weights(l, a, spatial_shapes), locations, attention, has_aux=True)
-
-  def sample_grads(grad_table, sample):
-    sample_position, sample_weight = sample
-    starts = _slice_starts(sample_position, heads, dim)
-    picked = jax.lax.gather(table, starts, _SLICES, (1, 1, dim), mode=_IN_BOUNDS)  # [B, D, N]
-    grad_table = jax.lax.scatter_add(grad_table, starts, sample_weight[:, None] * grad,
-                                     _SLICE_UPDATES, mode=_IN_BOUNDS)
-    return grad_table, jnp.sum(picked.astype(jnp.float32) * grad, axis=1)
-
-  grad_table, grad_weight = jax.lax.scan(
-      sample_grads, jnp.zeros(table.shape, jnp.float32), (position, weight))
+  grad_table, grad_weight = jax.vmap(_slice_grads, in_axes=(0, 1, 1, 0, None), out_axes=(0, 1))(
+      table, position, weight, grad, heads)
   grad_locations, grad_attention = weight_vjp(grad_weight)
   return grad_table.astype(table.dtype), grad_locations, grad_attention
 
@@ -218,38 +206,52 @@ def _deform_sample_bwd(spatial_shapes, residuals, grad):
 _deform_sample.defvjp(_deform_sample_fwd, _deform_sample_bwd)
 
 
-# Gather [D]-slices of an image's [S, M * D] table at (position, first column) start indices
-# [B, N, 2] as [B, D, N] (the slice dimension before n, so n stays minor), batched over images.
-_SLICES = jax.lax.GatherDimensionNumbers(
-    offset_dims=(1,), collapsed_slice_dims=(1,), start_index_map=(1, 2),
-    operand_batching_dims=(0,), start_indices_batching_dims=(0,))
-_SLICE_UPDATES = jax.lax.ScatterDimensionNumbers(
-    update_window_dims=(1,), inserted_window_dims=(1,), scatter_dims_to_operand_dims=(1, 2),
-    operand_batching_dims=(0,), scatter_indices_batching_dims=(0,))
+_SLICES = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
+                                         start_index_map=(0, 1))
+_SLICE_UPDATES = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(0,),
+                                                 scatter_dims_to_operand_dims=(0, 1))
 _IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
 def _slice_starts(position: jnp.ndarray, heads: int, dim: int) -> jnp.ndarray:
-  """int32 [B, N, 2] (position, first column of head m) for n = m * (N / heads) + q."""
-  b, size = position.shape
-  columns = jnp.repeat(jnp.arange(heads, dtype=jnp.int32) * dim, size // heads)
-  return jnp.stack([position, jnp.broadcast_to(columns, (b, size))], axis=-1)
+  """int32 [N, 2] (position, first column of head m) for n = m * (N / heads) + q."""
+  columns = jnp.repeat(jnp.arange(heads, dtype=jnp.int32) * dim, position.shape[0] // heads)
+  return jnp.stack([position, columns], axis=-1)
 
 
 def _weighted_slices(table: jnp.ndarray, position: jnp.ndarray, weight: jnp.ndarray,
                      heads: int) -> jnp.ndarray:
-  """sum_k weight[k] * (gathered slices at position[k]): [B, S, M * D], [K, B, N] -> f32 [B, D, N]."""
-  b, _, channels = table.shape
-  dim = channels // heads
+  """One image: sum_k weight[k] * [D]-slices of table [S, M * D] at position[k]; [K, N] -> f32 [N, D].
+
+  Each sample gathers [1, D] slices of the table itself: the backward pass would keep a
+  [S * M, D] view of it, and TPU tiles pad its D-wide minor dimension to 128."""
+  dim = table.shape[1] // heads
 
   def add_sample(total, sample):
     sample_position, sample_weight = sample
-    picked = jax.lax.gather(table, _slice_starts(sample_position, heads, dim), _SLICES,
-                            (1, 1, dim), mode=_IN_BOUNDS)  # [B, D, N]
+    picked = jax.lax.gather(table, _slice_starts(sample_position, heads, dim), _SLICES, (1, dim),
+                            mode=_IN_BOUNDS)
     return total + picked.astype(jnp.float32) * sample_weight[:, None], None
 
-  total = jnp.zeros((b, dim, position.shape[2]), jnp.float32)
+  total = jnp.zeros((position.shape[1], dim), jnp.float32)
   return jax.lax.scan(add_sample, total, (position, weight))[0]
+
+
+def _slice_grads(table: jnp.ndarray, position: jnp.ndarray, weight: jnp.ndarray, grad: jnp.ndarray,
+                 heads: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """One image, `_weighted_slices`' gradients for its output gradient grad [N, D]: d table f32
+  [S, M * D] (scatter-add of weight * grad at the slices) and d weight [K, N] (<slice, grad>)."""
+  dim = table.shape[1] // heads
+
+  def sample_grads(grad_table, sample):
+    sample_position, sample_weight = sample
+    starts = _slice_starts(sample_position, heads, dim)
+    picked = jax.lax.gather(table, starts, _SLICES, (1, dim), mode=_IN_BOUNDS)
+    grad_table = jax.lax.scatter_add(grad_table, starts, sample_weight[:, None] * grad,
+                                     _SLICE_UPDATES, mode=_IN_BOUNDS)
+    return grad_table, jnp.sum(picked.astype(jnp.float32) * grad, axis=1)
+
+  return jax.lax.scan(sample_grads, jnp.zeros(table.shape, jnp.float32), (position, weight))
 
 
 def sampling_offsets_bias_init(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:
