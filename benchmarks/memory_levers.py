@@ -38,15 +38,6 @@ def load_config(path: str):
   return module.get_config()
 
 
-def one_device(topology: str):
-  """The first device of this machine, or the first chip of a TPU topology (compile only)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if not topology:
-    return jax.devices()[0]
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  return topologies.get_topology_desc(topology, platform="tpu").devices[0]
-
-
 def compiled_memory(cfg, remat: str, grad_accum_steps: int, device, part: str) -> dict:
   """Memory analysis of the train step (or the model's gradient) of `cfg` with these levers."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -110,7 +101,8 @@ def main() -> None:
   cfg.data.image_size = (args.image_size, args.image_size)
   cfg.batch_size = args.batch_size
   cfg.model.dtype = args.dtype
-  device = one_device(args.topology)
+  from m2f_jax.tools import plan  # pylint: disable=g-import-not-at-top (after the environment)
+  device = plan.topology_devices(args.topology or "cpu")[0]
   what = "train_step" if args.part == "step" else "grad(model)"
   print(f"{os.path.relpath(args.config, ROOT)}, {args.image_size}x{args.image_size}, batch "
         f"{args.batch_size} on one {device.device_kind}, {args.dtype}; MiB from "
